@@ -1,0 +1,512 @@
+//! The decision engine: a `WorkloadPolicy` compiled once into lookup
+//! structures, then asked about every request.
+//!
+//! Evaluation order (DESIGN §4): request sanity → client address and IP
+//! filter → mTLS requirement → path normalization → authentication result →
+//! deny rules of every matching route → allow rules of the most specific
+//! matching route that has any (or the mesh default) → sunset → rate limits of
+//! every matching route → request validation. `mode: audit` routes are
+//! evaluated in a second, shadow pass that is reported and never enforced.
+
+mod authz;
+mod client_ip;
+mod request;
+mod routes;
+
+use std::net::IpAddr;
+
+use http::{Method, header};
+use ipnet::IpNet;
+use palisade_proto::policy::v1 as pb;
+use smallvec::SmallVec;
+
+pub use request::{Decision, RateLimitReport, Reason, Request, RequestTime, Verdict};
+pub use routes::{BodyRules, CompiledRateLimit, RateLimitKey};
+
+use authz::{CompiledRole, MatchContext, Polarity, RoleCache, parse_cidr};
+use routes::RouteTable;
+
+use crate::normalize::{NormalizeOptions, normalize_target};
+
+/// Why a `WorkloadPolicy` cannot be enforced. The agent NACKs with this text
+/// and keeps the policy it has.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[error("{0}")]
+pub struct LoadError(String);
+
+impl LoadError {
+    pub(crate) fn new(message: impl Into<String>) -> Self {
+        Self(message.into())
+    }
+}
+
+/// Which routes an evaluation pass looks at.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Layer {
+    /// Enforced policies only.
+    Enforced,
+    /// Enforced and audit-mode policies together: "what would happen if the
+    /// audit policies were enforced too".
+    WithAudit,
+}
+
+impl Layer {
+    fn includes(self, audit_only: bool) -> bool {
+        self == Layer::WithAudit || !audit_only
+    }
+}
+
+struct CompiledIpFilter {
+    id: Box<str>,
+    audit_only: bool,
+    ports: SmallVec<[u16; 4]>,
+    allow: Vec<IpNet>,
+    deny: Vec<IpNet>,
+}
+
+/// A loaded, enforceable `WorkloadPolicy`.
+pub struct PolicyEngine {
+    version: String,
+    default_action: pb::DefaultAction,
+    default_mtls: pb::MtlsMode,
+    port_mtls: Vec<(u16, pb::MtlsMode)>,
+    roles: Vec<CompiledRole>,
+    routes: RouteTable,
+    ip_filters: Vec<CompiledIpFilter>,
+    trusted_proxies: Vec<IpNet>,
+    /// JWT or API-key authentication is configured: a request without such a
+    /// credential that is refused gets 401 rather than 403.
+    end_user_authn: bool,
+    has_audit_layer: bool,
+    normalize: NormalizeOptions,
+    audit: pb::AuditConfig,
+    source: pb::WorkloadPolicy,
+}
+
+impl std::fmt::Debug for PolicyEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PolicyEngine")
+            .field("version", &self.version)
+            .field("routes", &self.routes.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PolicyEngine {
+    /// Compiles a `WorkloadPolicy`: parses every address, schema and pointer
+    /// and builds the route index, so nothing is parsed per request.
+    pub fn load(policy: pb::WorkloadPolicy) -> Result<Self, LoadError> {
+        let default_action = match pb::DefaultAction::try_from(policy.default_action) {
+            Ok(pb::DefaultAction::Deny) => pb::DefaultAction::Deny,
+            Ok(_) => pb::DefaultAction::AllAuthenticated,
+            Err(_) => {
+                return Err(LoadError::new(format!(
+                    "unknown default action {}",
+                    policy.default_action
+                )));
+            }
+        };
+        let mtls = |value: i32| match pb::MtlsMode::try_from(value) {
+            Ok(pb::MtlsMode::Permissive) => Ok(pb::MtlsMode::Permissive),
+            Ok(_) => Ok(pb::MtlsMode::Strict),
+            Err(_) => Err(LoadError::new(format!("unknown mTLS mode {value}"))),
+        };
+        let default_mtls = mtls(policy.default_mtls)?;
+        let mut port_mtls = Vec::with_capacity(policy.ports.len());
+        for p in &policy.ports {
+            port_mtls.push((port(p.port)?, mtls(p.mtls)?));
+        }
+        let roles: Vec<CompiledRole> = policy.roles.iter().map(CompiledRole::compile).collect();
+        let routes = RouteTable::compile(&policy.routes, roles.len())?;
+        let mut ip_filters = Vec::with_capacity(policy.ip_filters.len());
+        for f in &policy.ip_filters {
+            ip_filters.push(CompiledIpFilter {
+                id: f.id.as_str().into(),
+                audit_only: f.audit_only,
+                ports: f.ports.iter().map(|&p| port(p)).collect::<Result<_, _>>()?,
+                allow: cidrs(&f.allow, &f.id)?,
+                deny: cidrs(&f.deny, &f.id)?,
+            });
+        }
+        let trusted_proxies = cidrs(&policy.trusted_proxies, "trusted proxies")?;
+        for jwt in &policy.jwt_providers {
+            if jwt.issuer.is_empty() || jwt.keys.is_none() {
+                return Err(LoadError::new(format!(
+                    "JWT provider {} lacks an issuer or keys",
+                    jwt.id
+                )));
+            }
+        }
+        let api_keys = policy.api_keys.as_ref().filter(|a| !a.header.is_empty());
+        if let Some(a) = api_keys {
+            if http::HeaderName::from_bytes(a.header.as_bytes()).is_err() {
+                return Err(LoadError::new(format!(
+                    "invalid API-key header {:?}",
+                    a.header
+                )));
+            }
+            if let Some(k) = a.keys.iter().find(|k| k.sha256.len() != 32) {
+                return Err(LoadError::new(format!(
+                    "API key of client {} is not a SHA-256 hash",
+                    k.client_id
+                )));
+            }
+        }
+        let has_audit_layer = routes.has_audit_routes() || ip_filters.iter().any(|f| f.audit_only);
+        Ok(Self {
+            version: policy.version.clone(),
+            default_action,
+            default_mtls,
+            port_mtls,
+            end_user_authn: !policy.jwt_providers.is_empty() || api_keys.is_some(),
+            roles,
+            routes,
+            ip_filters,
+            trusted_proxies,
+            has_audit_layer,
+            normalize: NormalizeOptions::default(),
+            audit: policy.audit.clone().unwrap_or_default(),
+            source: policy,
+        })
+    }
+
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    /// The policy this engine was loaded from.
+    pub fn policy(&self) -> &pb::WorkloadPolicy {
+        &self.source
+    }
+
+    pub fn audit_config(&self) -> &pb::AuditConfig {
+        &self.audit
+    }
+
+    /// The mTLS mode of an application port.
+    pub fn mtls_mode(&self, port: u16) -> pb::MtlsMode {
+        self.port_mtls
+            .iter()
+            .find(|(p, _)| *p == port)
+            .map_or(self.default_mtls, |(_, m)| *m)
+    }
+
+    /// Decides one request.
+    pub fn decide<'e, 'r>(&'e self, request: &Request<'r>) -> Decision<'e, 'r> {
+        let client_ip =
+            client_ip::client_ip(request.peer_addr, request.headers, &self.trusted_proxies);
+        let mut decision = Decision {
+            verdict: Verdict::allow(Reason::Allowed, None),
+            shadow: None,
+            normalized_path: None,
+            query: None,
+            route: None,
+            client_ip,
+            rate_limit: None,
+            global_limits: Vec::new(),
+            response_headers: Vec::new(),
+            body: None,
+            response_mask: None,
+        };
+        if let Some(verdict) = self.check_request_shape(request) {
+            decision.verdict = verdict;
+            return decision;
+        }
+        let enforced_filter = self.ip_filter(request.port, client_ip, Layer::Enforced);
+        let shadow_filter = self
+            .has_audit_layer
+            .then(|| self.ip_filter(request.port, client_ip, Layer::WithAudit))
+            .flatten();
+        if let Some(v) = enforced_filter {
+            decision.verdict = v;
+            return decision;
+        }
+        if request.peer.is_none() && self.mtls_mode(request.port) == pb::MtlsMode::Strict {
+            decision.verdict = Verdict::deny(401, Reason::MtlsRequired, None);
+            return decision;
+        }
+        let target = match normalize_target(request.target, &self.normalize) {
+            Ok(t) => t,
+            Err(_) => {
+                decision.verdict = Verdict::deny(400, Reason::InvalidPath, None);
+                return decision;
+            }
+        };
+        if request.credential_error.is_some() {
+            decision.verdict = Verdict::deny(401, Reason::AuthenticationFailed, None);
+            decision.normalized_path = Some(target.path);
+            return decision;
+        }
+
+        let (minute_of_day, weekday) = time_of_day(request.time.unix_seconds);
+        let mut ctx = MatchContext {
+            request,
+            client_ip,
+            minute_of_day,
+            weekday,
+            roles: RoleCache::new(self.roles.len()),
+        };
+        let matched = self.routes.matching(&target.path, request);
+        decision.route = matched.first().map(|&i| &*self.routes.get(i).id);
+
+        decision.verdict = self.evaluate(&mut ctx, &matched, Layer::Enforced, &mut decision);
+        if self.has_audit_layer {
+            decision.shadow = Some(match shadow_filter {
+                Some(v) => v,
+                None => self.evaluate_shadow(&mut ctx, &matched, &decision),
+            });
+        }
+        decision.normalized_path = Some(target.path);
+        decision.query = target.query;
+        decision
+    }
+
+    /// Refuses requests whose meaning is ambiguous rather than guessing.
+    fn check_request_shape(&self, request: &Request<'_>) -> Option<Verdict<'_>> {
+        let known_method = matches!(
+            *request.method,
+            Method::GET
+                | Method::HEAD
+                | Method::POST
+                | Method::PUT
+                | Method::DELETE
+                | Method::PATCH
+                | Method::OPTIONS
+                | Method::TRACE
+                | Method::CONNECT
+        );
+        let headers = request.headers;
+        let ambiguous = headers.get_all(header::HOST).iter().nth(1).is_some()
+            || headers
+                .get_all(header::CONTENT_LENGTH)
+                .iter()
+                .nth(1)
+                .is_some()
+            || (headers.contains_key(header::CONTENT_LENGTH)
+                && headers.contains_key(header::TRANSFER_ENCODING));
+        (!known_method || ambiguous).then(|| Verdict::deny(400, Reason::MalformedRequest, None))
+    }
+
+    fn ip_filter(&self, port: u16, ip: IpAddr, layer: Layer) -> Option<Verdict<'_>> {
+        self.ip_filters
+            .iter()
+            .filter(|f| layer.includes(f.audit_only))
+            .filter(|f| f.ports.is_empty() || f.ports.contains(&port))
+            .find(|f| {
+                f.deny.iter().any(|n| n.contains(&ip))
+                    || (!f.allow.is_empty() && !f.allow.iter().any(|n| n.contains(&ip)))
+            })
+            .map(|f| Verdict::deny(403, Reason::IpFilter, Some(&*f.id)))
+    }
+
+    /// Authorization, sunset, rate limits and validation for one layer.
+    /// Fills the decision's side outputs (limits, headers, body rules) for
+    /// the enforced layer.
+    fn evaluate<'e>(
+        &'e self,
+        ctx: &mut MatchContext<'_>,
+        matched: &[u32],
+        layer: Layer,
+        decision: &mut Decision<'e, '_>,
+    ) -> Verdict<'e> {
+        let verdict = self.authorize(ctx, matched, layer);
+        if !verdict.allowed {
+            return verdict;
+        }
+        let now = ctx.request.time;
+        let routes = || {
+            matched
+                .iter()
+                .map(|&i| self.routes.get(i))
+                .filter(|r| layer.includes(r.audit_only))
+        };
+
+        if let Some(dep) = routes().find_map(|r| r.deprecation.as_ref()) {
+            decision.response_headers = dep.headers();
+            if dep.block_after_sunset && dep.sunset.is_some_and(|s| now.unix_seconds >= s) {
+                return Verdict::deny(410, Reason::Sunset, Some(&*dep.id));
+            }
+        }
+
+        for route in routes() {
+            let Some(limit) = &route.rate_limit else {
+                continue;
+            };
+            if limit.scope == pb::rate_limit::Scope::Global {
+                decision.global_limits.push(limit);
+                continue;
+            }
+            let outcome = limit.check(ctx.request, ctx.client_ip, now.monotonic);
+            let tighter = decision
+                .rate_limit
+                .is_none_or(|r| !outcome.allowed || outcome.remaining < r.outcome.remaining);
+            if tighter {
+                decision.rate_limit = Some(RateLimitReport {
+                    limit_id: &limit.id,
+                    outcome,
+                });
+            }
+            if !outcome.allowed {
+                return Verdict::deny(429, Reason::RateLimited, Some(&*limit.id));
+            }
+        }
+
+        if let Some(body) = routes().find_map(|r| r.body.as_ref()) {
+            decision.body = Some(body);
+            if let Some(v) = body.check_headers(ctx.request.headers) {
+                return v;
+            }
+        }
+        decision.response_mask = routes().find_map(|r| r.response.as_ref());
+        verdict
+    }
+
+    /// The shadow pass: authorization over enforced and audit routes, and the
+    /// audit routes' own limits. Enforced limits are not charged twice.
+    fn evaluate_shadow<'e>(
+        &'e self,
+        ctx: &mut MatchContext<'_>,
+        matched: &[u32],
+        decision: &Decision<'e, '_>,
+    ) -> Verdict<'e> {
+        let verdict = self.authorize(ctx, matched, Layer::WithAudit);
+        if !verdict.allowed {
+            return verdict;
+        }
+        // Authorization passed here; a request the enforced layer refused after authorization (limit,
+        // sunset, validation) is refused by the wider layer too.
+        let after_authz = matches!(
+            decision.verdict.reason,
+            Reason::RateLimited
+                | Reason::Sunset
+                | Reason::BodyTooLarge
+                | Reason::UnsupportedMediaType
+        );
+        if !decision.verdict.allowed && after_authz {
+            return decision.verdict;
+        }
+        for route in matched
+            .iter()
+            .map(|&i| self.routes.get(i))
+            .filter(|r| r.audit_only)
+        {
+            if let Some(dep) = &route.deprecation
+                && dep.block_after_sunset
+                && dep
+                    .sunset
+                    .is_some_and(|s| ctx.request.time.unix_seconds >= s)
+            {
+                return Verdict::deny(410, Reason::Sunset, Some(&*dep.id));
+            }
+            if let Some(limit) = route
+                .rate_limit
+                .as_ref()
+                .filter(|l| l.scope == pb::rate_limit::Scope::Local)
+            {
+                let outcome = limit.check(ctx.request, ctx.client_ip, ctx.request.time.monotonic);
+                if !outcome.allowed {
+                    return Verdict::deny(429, Reason::RateLimited, Some(&*limit.id));
+                }
+            }
+            if let Some(v) = route
+                .body
+                .as_ref()
+                .and_then(|b| b.check_headers(ctx.request.headers))
+            {
+                return v;
+            }
+        }
+        verdict
+    }
+
+    /// Deny rules of every matching route, then the allow rules of the most
+    /// specific matching route that has any, else the mesh default.
+    fn authorize<'e>(
+        &'e self,
+        ctx: &mut MatchContext<'_>,
+        matched: &[u32],
+        layer: Layer,
+    ) -> Verdict<'e> {
+        let routes = || {
+            matched
+                .iter()
+                .map(|&i| self.routes.get(i))
+                .filter(|r| layer.includes(r.audit_only))
+        };
+        for route in routes() {
+            if let Some(rule) = route
+                .deny
+                .iter()
+                .find(|rule| rule.matches(ctx, &self.roles, Polarity::Deny))
+            {
+                return Verdict::deny(403, Reason::DenyRule, Some(&*rule.id));
+            }
+        }
+        let refused = |reason, rule| Verdict::deny(self.refusal_status(ctx.request), reason, rule);
+        if self
+            .routes
+            .has_allow_rules(ctx.request.port, layer == Layer::WithAudit)
+        {
+            let Some(route) = routes().find(|r| !r.allow.is_empty()) else {
+                return refused(Reason::NoAllowMatch, None);
+            };
+            return match route
+                .allow
+                .iter()
+                .find(|rule| rule.matches(ctx, &self.roles, Polarity::Allow))
+            {
+                Some(rule) => Verdict::allow(Reason::Allowed, Some(&*rule.id)),
+                None => refused(Reason::NoAllowMatch, Some(&*route.id)),
+            };
+        }
+        let request = ctx.request;
+        match self.default_action {
+            pb::DefaultAction::Deny => refused(Reason::DefaultDeny, None),
+            _ if request.peer.is_some()
+                || request.jwt_claims.is_some()
+                || request.api_key_client.is_some() =>
+            {
+                Verdict::allow(Reason::DefaultAllAuthenticated, None)
+            }
+            _ => Verdict::deny(401, Reason::Unauthenticated, None),
+        }
+    }
+
+    /// 401 when the request lacks a credential the workload accepts, 403 when
+    /// who it is was established and is not enough.
+    fn refusal_status(&self, request: &Request<'_>) -> u16 {
+        let end_user = request.jwt_claims.is_some() || request.api_key_client.is_some();
+        let unauthenticated = if self.end_user_authn {
+            !end_user
+        } else {
+            !end_user && request.peer.is_none()
+        };
+        if unauthenticated { 401 } else { 403 }
+    }
+}
+
+fn port(value: u32) -> Result<u16, LoadError> {
+    u16::try_from(value)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| LoadError::new(format!("port {value} out of range")))
+}
+
+fn cidrs(values: &[String], owner: &str) -> Result<Vec<IpNet>, LoadError> {
+    values
+        .iter()
+        .map(|c| parse_cidr(c).map_err(|e| LoadError::new(format!("{owner}: {e}"))))
+        .collect()
+}
+
+/// Minute of the day (UTC) and ISO weekday (1 = Monday) of a Unix time.
+fn time_of_day(unix_seconds: i64) -> (u32, u32) {
+    let days = unix_seconds.div_euclid(86_400);
+    let seconds = unix_seconds.rem_euclid(86_400);
+    // 1970-01-01 was a Thursday (ISO 4).
+    let weekday = (days + 3).rem_euclid(7) + 1;
+    ((seconds / 60) as u32, weekday as u32)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,522 @@
+//! Routes compiled for matching: the path index, per-route checks, limits,
+//! body rules, masking and deprecation.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use http::{HeaderMap, HeaderName, header};
+use palisade_proto::policy::v1 as pb;
+use smallvec::SmallVec;
+
+use super::LoadError;
+use super::authz::{CompiledRule, lookup_claim};
+use super::request::{Reason, Request, Verdict};
+use crate::body::{BodySchema, content_type_allowed};
+use crate::masking::ResponseMask;
+use crate::path_index::{PathIndex, PathPattern, Specificity};
+use crate::ratelimit::{Algorithm, LimitConfig, RateLimitOutcome, RateLimiter};
+
+pub(crate) struct CompiledRoute {
+    pub id: Box<str>,
+    pub audit_only: bool,
+    ports: SmallVec<[u16; 4]>,
+    methods: Vec<http::Method>,
+    headers: Vec<HeaderCheck>,
+    hosts: Vec<Box<str>>,
+    pub allow: Vec<CompiledRule>,
+    pub deny: Vec<CompiledRule>,
+    pub rate_limit: Option<CompiledRateLimit>,
+    pub body: Option<BodyRules>,
+    pub response: Option<ResponseMask>,
+    pub deprecation: Option<CompiledDeprecation>,
+    /// Method, header and host constraints make a route more specific than
+    /// one with the same path match and fewer constraints.
+    constraints: u8,
+}
+
+struct HeaderCheck {
+    name: HeaderName,
+    kind: HeaderCheckKind,
+}
+
+enum HeaderCheckKind {
+    Exact(Box<str>),
+    Prefix(Box<str>),
+    Present(bool),
+}
+
+/// What a rate limit counts requests by.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RateLimitKey {
+    Principal,
+    SourceIp,
+    ApiKey,
+    Header(HeaderName),
+    Claim(Box<str>),
+}
+
+/// A compiled rate limit. Local limits hold their counters here; global
+/// limits are checked by the agent against the shared store.
+pub struct CompiledRateLimit {
+    pub id: Box<str>,
+    pub key: RateLimitKey,
+    pub scope: pb::rate_limit::Scope,
+    pub failure_mode: pb::rate_limit::FailureMode,
+    pub config: LimitConfig,
+    limiter: RateLimiter,
+}
+
+impl std::fmt::Debug for CompiledRateLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CompiledRateLimit")
+            .field("id", &self.id)
+            .field("key", &self.key)
+            .field("scope", &self.scope)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Requests that lack the key share one bucket, marked by a byte no string
+/// key can start with, so leaving the key out never escapes the limit.
+const MISSING_KEY: &[u8] = &[0xff];
+
+impl CompiledRateLimit {
+    /// The bytes this request is counted under.
+    pub fn key_bytes<'a>(
+        &self,
+        request: &Request<'a>,
+        client_ip: IpAddr,
+        buf: &'a mut [u8; 16],
+    ) -> &'a [u8] {
+        match &self.key {
+            RateLimitKey::Principal => request.peer.map_or(MISSING_KEY, |p| p.as_str().as_bytes()),
+            RateLimitKey::ApiKey => request.api_key_client.map_or(MISSING_KEY, str::as_bytes),
+            RateLimitKey::SourceIp => match client_ip {
+                IpAddr::V4(v4) => {
+                    buf[..4].copy_from_slice(&v4.octets());
+                    &buf[..4]
+                }
+                IpAddr::V6(v6) => {
+                    *buf = v6.octets();
+                    &buf[..]
+                }
+            },
+            RateLimitKey::Header(name) => request
+                .headers
+                .get(name)
+                .map_or(MISSING_KEY, |v| v.as_bytes()),
+            RateLimitKey::Claim(name) => request
+                .jwt_claims
+                .and_then(|c| lookup_claim(c, name))
+                .and_then(|v| v.as_str())
+                .map_or(MISSING_KEY, str::as_bytes),
+        }
+    }
+
+    pub(crate) fn check(
+        &self,
+        request: &Request<'_>,
+        client_ip: IpAddr,
+        now: Duration,
+    ) -> RateLimitOutcome {
+        let mut buf = [0u8; 16];
+        let key = self.key_bytes(request, client_ip, &mut buf);
+        self.limiter.check(key, now)
+    }
+
+    fn compile(limit: &pb::RateLimit) -> Result<Self, LoadError> {
+        use pb::rate_limit::{Algorithm as A, FailureMode, KeyKind, Scope};
+        let err = |what: String| LoadError::new(format!("rate limit {}: {what}", limit.id));
+        let algorithm = match A::try_from(limit.algorithm) {
+            Ok(A::TokenBucket) => Algorithm::TokenBucket,
+            Ok(A::FixedWindow) => Algorithm::FixedWindow,
+            Ok(A::SlidingWindow) => Algorithm::SlidingWindow,
+            _ => return Err(err(format!("unknown algorithm {}", limit.algorithm))),
+        };
+        let key = match KeyKind::try_from(limit.key) {
+            Ok(KeyKind::Principal) => RateLimitKey::Principal,
+            Ok(KeyKind::SourceIp) => RateLimitKey::SourceIp,
+            Ok(KeyKind::ApiKey) => RateLimitKey::ApiKey,
+            Ok(KeyKind::Header) => RateLimitKey::Header(
+                HeaderName::from_bytes(limit.key_name.as_bytes())
+                    .map_err(|_| err(format!("invalid header name {:?}", limit.key_name)))?,
+            ),
+            Ok(KeyKind::Claim) if !limit.key_name.is_empty() => {
+                RateLimitKey::Claim(limit.key_name.as_str().into())
+            }
+            _ => return Err(err(format!("unknown key kind {}", limit.key))),
+        };
+        let scope = match Scope::try_from(limit.scope) {
+            Ok(Scope::Global) => Scope::Global,
+            Ok(_) => Scope::Local,
+            Err(_) => return Err(err(format!("unknown scope {}", limit.scope))),
+        };
+        let failure_mode = match FailureMode::try_from(limit.failure_mode) {
+            Ok(FailureMode::Open) => FailureMode::Open,
+            Ok(_) => FailureMode::Closed,
+            Err(_) => return Err(err(format!("unknown failure mode {}", limit.failure_mode))),
+        };
+        let config = LimitConfig {
+            algorithm,
+            amount: limit.amount,
+            period: Duration::from_millis(limit.period_ms),
+            burst: limit.burst,
+            max_keys: if limit.max_keys == 0 {
+                100_000
+            } else {
+                limit.max_keys as usize
+            },
+        };
+        let limiter = RateLimiter::new(config.clone()).map_err(|e| err(e.to_string()))?;
+        Ok(Self {
+            id: limit.id.as_str().into(),
+            key,
+            scope,
+            failure_mode,
+            config,
+            limiter,
+        })
+    }
+}
+
+/// Request body rules, applied by the agent as the body streams in.
+pub struct BodyRules {
+    pub id: Box<str>,
+    /// 0: no limit.
+    pub max_body_bytes: u64,
+    pub content_types: Vec<String>,
+    pub schema: Option<BodySchema>,
+}
+
+impl std::fmt::Debug for BodyRules {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BodyRules")
+            .field("id", &self.id)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("content_types", &self.content_types)
+            .field("schema", &self.schema.is_some())
+            .finish()
+    }
+}
+
+impl BodyRules {
+    /// What can be decided from headers alone: the media type, and a declared
+    /// length over the limit. A body without a declared length is counted by
+    /// the agent while it streams.
+    pub(crate) fn check_headers(&self, headers: &HeaderMap) -> Option<Verdict<'_>> {
+        let has_body = headers.contains_key(header::CONTENT_LENGTH)
+            || headers.contains_key(header::TRANSFER_ENCODING);
+        let declared = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if self.max_body_bytes > 0 && declared.is_some_and(|n| n > self.max_body_bytes) {
+            return Some(Verdict::deny(413, Reason::BodyTooLarge, Some(&*self.id)));
+        }
+        if has_body && declared != Some(0) {
+            let content_type = headers
+                .get(header::CONTENT_TYPE)
+                .map(|v| v.to_str().unwrap_or("\u{0}"));
+            if !content_type_allowed(content_type, &self.content_types) {
+                return Some(Verdict::deny(
+                    415,
+                    Reason::UnsupportedMediaType,
+                    Some(&*self.id),
+                ));
+            }
+        }
+        None
+    }
+
+    fn compile(id: &str, v: &pb::Validation) -> Result<Self, LoadError> {
+        let schema = if v.json_schema.is_empty() {
+            None
+        } else {
+            Some(
+                BodySchema::compile(&v.json_schema)
+                    .map_err(|e| LoadError::new(format!("{id}: {e}")))?,
+            )
+        };
+        Ok(Self {
+            id: format!("{id}/validation").into(),
+            max_body_bytes: v.max_body_bytes,
+            content_types: v.content_types.clone(),
+            schema,
+        })
+    }
+}
+
+pub(crate) struct CompiledDeprecation {
+    pub id: Box<str>,
+    pub deprecated_at: Option<i64>,
+    pub sunset: Option<i64>,
+    pub link: Option<Box<str>>,
+    pub block_after_sunset: bool,
+}
+
+impl CompiledDeprecation {
+    /// `Deprecation` (RFC 9745), `Sunset` (RFC 8594) and `Link` headers.
+    pub fn headers(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::with_capacity(3);
+        if let Some(at) = self.deprecated_at {
+            out.push(("deprecation", format!("@{at}")));
+        }
+        if let Some(sunset) = self.sunset.and_then(http_date) {
+            out.push(("sunset", sunset));
+        }
+        if let Some(link) = &self.link {
+            out.push((
+                "link",
+                format!("<{link}>; rel=\"deprecation\"; type=\"text/html\""),
+            ));
+        }
+        out
+    }
+}
+
+/// An IMF-fixdate, as HTTP dates are written.
+fn http_date(unix_seconds: i64) -> Option<String> {
+    let ts = jiff::Timestamp::from_second(unix_seconds).ok()?;
+    Some(ts.strftime("%a, %d %b %Y %H:%M:%S GMT").to_string())
+}
+
+/// All routes of a workload, indexed by path.
+pub(crate) struct RouteTable {
+    routes: Vec<CompiledRoute>,
+    index: PathIndex<u32>,
+    /// Ports with enforced allow rules (`None` in the list: every port).
+    allow_ports: AllowPorts,
+    allow_ports_with_audit: AllowPorts,
+}
+
+#[derive(Default)]
+struct AllowPorts {
+    every_port: bool,
+    ports: SmallVec<[u16; 8]>,
+}
+
+impl AllowPorts {
+    fn add(&mut self, route: &CompiledRoute) {
+        if route.ports.is_empty() {
+            self.every_port = true;
+        } else {
+            self.ports.extend(route.ports.iter().copied());
+        }
+    }
+    fn contains(&self, port: u16) -> bool {
+        self.every_port || self.ports.contains(&port)
+    }
+}
+
+impl RouteTable {
+    pub fn compile(routes: &[pb::Route], role_count: usize) -> Result<Self, LoadError> {
+        let mut table = Self {
+            routes: Vec::with_capacity(routes.len()),
+            index: PathIndex::new(),
+            allow_ports: AllowPorts::default(),
+            allow_ports_with_audit: AllowPorts::default(),
+        };
+        for (i, r) in routes.iter().enumerate() {
+            let route = CompiledRoute::compile(r, role_count)?;
+            let slot = u32::try_from(i).map_err(|_| LoadError::new("too many routes"))?;
+            match r.path.as_ref().and_then(|p| p.kind.as_ref()) {
+                None => table.index.insert_any(slot),
+                Some(kind) => {
+                    let pattern = match kind {
+                        pb::path_match::Kind::Exact(p) => PathPattern::Exact(p.clone()),
+                        pb::path_match::Kind::Template(p) => PathPattern::Template(p.clone()),
+                        pb::path_match::Kind::Prefix(p) => PathPattern::Prefix(p.clone()),
+                    };
+                    table
+                        .index
+                        .insert(pattern, slot)
+                        .map_err(|e| LoadError::new(format!("route {}: {e}", r.id)))?;
+                }
+            }
+            if !route.allow.is_empty() {
+                table.allow_ports_with_audit.add(&route);
+                if !route.audit_only {
+                    table.allow_ports.add(&route);
+                }
+            }
+            table.routes.push(route);
+        }
+        Ok(table)
+    }
+
+    pub fn len(&self) -> usize {
+        self.routes.len()
+    }
+
+    pub fn get(&self, i: u32) -> &CompiledRoute {
+        &self.routes[i as usize]
+    }
+
+    pub fn has_audit_routes(&self) -> bool {
+        self.routes.iter().any(|r| r.audit_only)
+    }
+
+    pub fn has_allow_rules(&self, port: u16, with_audit: bool) -> bool {
+        if with_audit {
+            self.allow_ports_with_audit.contains(port)
+        } else {
+            self.allow_ports.contains(port)
+        }
+    }
+
+    /// Routes matching the request, most specific first: path match kind and
+    /// length, then number of method/header/host constraints, then the order
+    /// the policy listed them in.
+    pub fn matching(&self, path: &str, request: &Request<'_>) -> SmallVec<[u32; 8]> {
+        let mut found: SmallVec<[(Specificity, u8, u32); 8]> = SmallVec::new();
+        self.index.for_each_match(path, |&slot, specificity| {
+            let route = &self.routes[slot as usize];
+            if route.applies(request) {
+                found.push((specificity, route.constraints, slot));
+            }
+        });
+        found.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(b.1.cmp(&a.1)).then(a.2.cmp(&b.2)));
+        found.into_iter().map(|(_, _, slot)| slot).collect()
+    }
+}
+
+impl CompiledRoute {
+    fn compile(r: &pb::Route, role_count: usize) -> Result<Self, LoadError> {
+        let err = |what: String| LoadError::new(format!("route {}: {what}", r.id));
+        let mut methods = Vec::with_capacity(r.methods.len());
+        for m in &r.methods {
+            methods.push(
+                http::Method::from_bytes(m.as_bytes())
+                    .map_err(|_| err(format!("invalid method {m:?}")))?,
+            );
+        }
+        let mut headers = Vec::with_capacity(r.headers.len());
+        for h in &r.headers {
+            let name = HeaderName::from_bytes(h.name.as_bytes())
+                .map_err(|_| err(format!("invalid header {:?}", h.name)))?;
+            let kind = match &h.kind {
+                Some(pb::header_match::Kind::Exact(v)) => HeaderCheckKind::Exact(v.as_str().into()),
+                Some(pb::header_match::Kind::Prefix(v)) => {
+                    HeaderCheckKind::Prefix(v.as_str().into())
+                }
+                Some(pb::header_match::Kind::Present(p)) => HeaderCheckKind::Present(*p),
+                None => return Err(err(format!("header match {:?} has no condition", h.name))),
+            };
+            headers.push(HeaderCheck { name, kind });
+        }
+        let ports = r
+            .ports
+            .iter()
+            .map(|&p| u16::try_from(p).map_err(|_| err(format!("port {p} out of range"))))
+            .collect::<Result<_, _>>()?;
+        let compile_rules = |rules: &[pb::Rule]| -> Result<Vec<CompiledRule>, LoadError> {
+            rules
+                .iter()
+                .map(|rule| CompiledRule::compile(rule, role_count))
+                .collect()
+        };
+        let response = match &r.response {
+            Some(resp) if !resp.redact.is_empty() || !resp.mask.is_empty() => {
+                let masks: Vec<(String, u32)> = resp
+                    .mask
+                    .iter()
+                    .map(|m| (m.pointer.clone(), m.show_last))
+                    .collect();
+                Some(ResponseMask::compile(&resp.redact, &masks).map_err(|e| err(e.to_string()))?)
+            }
+            _ => None,
+        };
+        let deprecation = r.deprecation.as_ref().map(|d| CompiledDeprecation {
+            id: format!("{}/deprecation", r.id).into(),
+            deprecated_at: (d.deprecated_at != 0).then_some(d.deprecated_at),
+            sunset: (d.sunset != 0).then_some(d.sunset),
+            link: (!d.link.is_empty()).then(|| d.link.as_str().into()),
+            block_after_sunset: d.block_after_sunset,
+        });
+        let constraints = u8::from(!r.methods.is_empty())
+            + u8::try_from(r.headers.len()).unwrap_or(u8::MAX).min(100)
+            + u8::from(!r.hosts.is_empty());
+        Ok(Self {
+            id: r.id.as_str().into(),
+            audit_only: r.audit_only,
+            ports,
+            methods,
+            headers,
+            hosts: r.hosts.iter().map(|h| h.as_str().into()).collect(),
+            allow: compile_rules(&r.allow)?,
+            deny: compile_rules(&r.deny)?,
+            rate_limit: r
+                .rate_limit
+                .as_ref()
+                .map(CompiledRateLimit::compile)
+                .transpose()?,
+            body: r
+                .validation
+                .as_ref()
+                .map(|v| BodyRules::compile(&r.id, v))
+                .transpose()?,
+            response,
+            deprecation,
+            constraints,
+        })
+    }
+
+    /// Port, method, header and host constraints (the path is the index's job).
+    fn applies(&self, request: &Request<'_>) -> bool {
+        (self.ports.is_empty() || self.ports.contains(&request.port))
+            && (self.methods.is_empty() || self.methods.contains(request.method))
+            && self.headers.iter().all(|h| h.matches(request.headers))
+            && (self.hosts.is_empty() || request.host.is_some_and(|host| self.host_matches(host)))
+    }
+
+    fn host_matches(&self, host: &str) -> bool {
+        let host = canonical_host(host);
+        self.hosts.iter().any(|h| h.eq_ignore_ascii_case(host))
+    }
+}
+
+/// A Host value without port and trailing dot.
+fn canonical_host(host: &str) -> &str {
+    let without_port = if let Some(rest) = host.strip_prefix('[') {
+        // [v6]:port
+        rest.split_once(']').map_or(host, |(addr, _)| addr)
+    } else {
+        match host.rsplit_once(':') {
+            Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+            _ => host,
+        }
+    };
+    without_port.strip_suffix('.').unwrap_or(without_port)
+}
+
+impl HeaderCheck {
+    /// Exact and prefix matches hold only when every value of the header
+    /// does, so a second, different value cannot make a route apply.
+    fn matches(&self, headers: &HeaderMap) -> bool {
+        let mut values = headers.get_all(&self.name).iter().peekable();
+        match &self.kind {
+            HeaderCheckKind::Present(want) => values.peek().is_some() == *want,
+            HeaderCheckKind::Exact(v) => {
+                values.peek().is_some() && values.all(|x| x.to_str().is_ok_and(|x| x == &**v))
+            }
+            HeaderCheckKind::Prefix(p) => {
+                values.peek().is_some()
+                    && values.all(|x| x.to_str().is_ok_and(|x| x.starts_with(&**p)))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::canonical_host;
+
+    #[test]
+    fn hosts_lose_port_and_trailing_dot() {
+        assert_eq!(canonical_host("api.example.com"), "api.example.com");
+        assert_eq!(canonical_host("api.example.com:8443"), "api.example.com");
+        assert_eq!(canonical_host("api.example.com."), "api.example.com");
+        assert_eq!(canonical_host("api.example.com.:80"), "api.example.com");
+        assert_eq!(canonical_host("[::1]:8080"), "::1");
+    }
+}
