@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
@@ -54,7 +55,7 @@ pub struct ApiSecurityPolicySpec {
     pub selector: Option<LabelSelector>,
     /// Application ports the policy applies to. Empty: every port.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 64))]
+    #[schemars(length(max = 64), inner(range(min = 1)))]
     pub ports: Vec<PortNumber>,
     /// `enforce` (default) blocks; `audit` only records what it would have done.
     #[serde(default)]
@@ -146,7 +147,7 @@ pub struct JwtIssuer {
     pub algorithms: Vec<JwtAlgorithm>,
 }
 
-#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum JwtAlgorithm {
     RS256,
     ES256,
@@ -548,6 +549,37 @@ fn free_form_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
         "type": "object",
         "x-kubernetes-preserve-unknown-fields": true,
     })
+}
+
+/// The CRD as installed: the derived definition with integer formats that
+/// the API server knows (`uint32` and friends are not OpenAPI formats).
+pub fn custom_resource_definition() -> CustomResourceDefinition {
+    let crd = <ApiSecurityPolicy as kube::CustomResourceExt>::crd();
+    let Ok(mut value) = serde_json::to_value(&crd) else {
+        return crd;
+    };
+    use_openapi_formats(&mut value);
+    serde_json::from_value(value).unwrap_or(crd)
+}
+
+fn use_openapi_formats(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Object(map) => {
+            if let Some(serde_json::Value::String(format)) = map.get("format") {
+                let replacement = match format.as_str() {
+                    "uint8" | "uint16" | "int8" | "int16" => Some("int32"),
+                    "uint32" | "uint64" | "uint" => Some("int64"),
+                    _ => None,
+                };
+                if let Some(r) = replacement {
+                    map.insert("format".into(), r.into());
+                }
+            }
+            map.values_mut().for_each(use_openapi_formats);
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(use_openapi_formats),
+        _ => {}
+    }
 }
 
 /// Labels of a workload, for selector matching.

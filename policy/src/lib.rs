@@ -14,7 +14,13 @@ pub mod path_index;
 pub mod ratelimit;
 
 #[cfg(feature = "crd")]
+pub mod compile;
+#[cfg(feature = "crd")]
 pub mod crd;
+#[cfg(feature = "crd")]
+pub mod documents;
+#[cfg(feature = "crd")]
+pub mod validate;
 
 pub use engine::{Decision, LoadError, PolicyEngine, Reason, Request, RequestTime, Verdict};
 pub use palisade_proto::policy::v1 as wire;
