@@ -164,7 +164,9 @@ pub fn compile_workload(
         {
             mtls.vote(&spec.ports, mode);
         }
-        if let Some(auth) = &spec.authentication {
+        // An audit-mode policy must not change what is enforced, and which
+        // credentials are verified (and refused with 401) is enforcement.
+        if let Some(auth) = spec.authentication.as_ref().filter(|_| !audit_only) {
             for (i, jwt) in auth.jwt.iter().enumerate() {
                 out.jwt_providers
                     .push(compile_jwt(&format!("{key}/jwt[{i}]"), jwt));

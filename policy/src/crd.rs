@@ -447,7 +447,7 @@ fn default_rate_limit_key() -> String {
 pub struct ValidationSpec {
     /// Largest request body accepted, in bytes (413 above it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 0, max = 1_073_741_824))]
+    #[schemars(range(min = 1, max = 1_073_741_824))]
     pub max_body_bytes: Option<u64>,
     /// Accepted media types, e.g. `application/json` or `text/*` (415 otherwise).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

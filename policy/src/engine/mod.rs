@@ -24,7 +24,7 @@ pub use request::{Decision, RateLimitReport, Reason, Request, RequestTime, Verdi
 pub use routes::{BodyRules, CompiledRateLimit, RateLimitKey};
 
 use authz::{CompiledRole, MatchContext, Polarity, RoleCache, parse_cidr};
-use routes::RouteTable;
+use routes::{MatchedRoute, RouteTable};
 
 use crate::normalize::{NormalizeOptions, normalize_target};
 
@@ -247,7 +247,11 @@ impl PolicyEngine {
             roles: RoleCache::new(self.roles.len()),
         };
         let matched = self.routes.matching(&target.path, request);
-        decision.route = matched.first().map(|&i| &*self.routes.get(i).id);
+        decision.route = matched
+            .iter()
+            .map(|m| self.routes.get(m.slot))
+            .find(|r| !r.audit_only)
+            .map(|r| &*r.id);
 
         decision.verdict = self.evaluate(&mut ctx, &matched, Layer::Enforced, &mut decision);
         if self.has_audit_layer {
@@ -305,7 +309,7 @@ impl PolicyEngine {
     fn evaluate<'e>(
         &'e self,
         ctx: &mut MatchContext<'_>,
-        matched: &[u32],
+        matched: &[MatchedRoute],
         layer: Layer,
         decision: &mut Decision<'e, '_>,
     ) -> Verdict<'e> {
@@ -317,7 +321,7 @@ impl PolicyEngine {
         let routes = || {
             matched
                 .iter()
-                .map(|&i| self.routes.get(i))
+                .map(|m| self.routes.get(m.slot))
                 .filter(|r| layer.includes(r.audit_only))
         };
 
@@ -366,7 +370,7 @@ impl PolicyEngine {
     fn evaluate_shadow<'e>(
         &'e self,
         ctx: &mut MatchContext<'_>,
-        matched: &[u32],
+        matched: &[MatchedRoute],
         decision: &Decision<'e, '_>,
     ) -> Verdict<'e> {
         let verdict = self.authorize(ctx, matched, Layer::WithAudit);
@@ -387,7 +391,7 @@ impl PolicyEngine {
         }
         for route in matched
             .iter()
-            .map(|&i| self.routes.get(i))
+            .map(|m| self.routes.get(m.slot))
             .filter(|r| r.audit_only)
         {
             if let Some(dep) = &route.deprecation
@@ -424,13 +428,13 @@ impl PolicyEngine {
     fn authorize<'e>(
         &'e self,
         ctx: &mut MatchContext<'_>,
-        matched: &[u32],
+        matched: &[MatchedRoute],
         layer: Layer,
     ) -> Verdict<'e> {
         let routes = || {
             matched
                 .iter()
-                .map(|&i| self.routes.get(i))
+                .map(|m| self.routes.get(m.slot))
                 .filter(|r| layer.includes(r.audit_only))
         };
         for route in routes() {
@@ -447,7 +451,13 @@ impl PolicyEngine {
             .routes
             .has_allow_rules(ctx.request.port, layer == Layer::WithAudit)
         {
-            let Some(route) = routes().find(|r| !r.allow.is_empty()) else {
+            // Only a strict match may grant access (see `RouteTable::matching`).
+            let strict = matched
+                .iter()
+                .filter(|m| m.strict)
+                .map(|m| self.routes.get(m.slot))
+                .filter(|r| layer.includes(r.audit_only));
+            let Some(route) = strict.clone().find(|r| !r.allow.is_empty()) else {
                 return refused(Reason::NoAllowMatch, None);
             };
             return match route

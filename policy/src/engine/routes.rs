@@ -366,18 +366,38 @@ impl RouteTable {
 
     /// Routes matching the request, most specific first: path match kind and
     /// length, then number of method/header/host constraints, then the order
-    /// the policy listed them in.
-    pub fn matching(&self, path: &str, request: &Request<'_>) -> SmallVec<[u32; 8]> {
-        let mut found: SmallVec<[(Specificity, u8, u32); 8]> = SmallVec::new();
+    /// the policy listed them in. Each comes with whether it matches
+    /// strictly: a header match holds strictly when every value of the header
+    /// matches, loosely when any does. Restrictions (deny rules, limits,
+    /// validation, masking, sunsets) apply on a loose match, allow rules only
+    /// on a strict one, so adding a header value can only narrow access.
+    pub fn matching(&self, path: &str, request: &Request<'_>) -> SmallVec<[MatchedRoute; 8]> {
+        let mut found: SmallVec<[(Specificity, u8, MatchedRoute); 8]> = SmallVec::new();
         self.index.for_each_match(path, |&slot, specificity| {
             let route = &self.routes[slot as usize];
-            if route.applies(request) {
-                found.push((specificity, route.constraints, slot));
+            if let Some(strict) = route.applies(request) {
+                found.push((
+                    specificity,
+                    route.constraints,
+                    MatchedRoute { slot, strict },
+                ));
             }
         });
-        found.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(b.1.cmp(&a.1)).then(a.2.cmp(&b.2)));
-        found.into_iter().map(|(_, _, slot)| slot).collect()
+        found.sort_unstable_by(|a, b| {
+            b.0.cmp(&a.0)
+                .then(b.1.cmp(&a.1))
+                .then(a.2.slot.cmp(&b.2.slot))
+        });
+        found.into_iter().map(|(_, _, m)| m).collect()
     }
+}
+
+/// A route that matched a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct MatchedRoute {
+    pub slot: u32,
+    /// Every value of every matched header matched (see `RouteTable::matching`).
+    pub strict: bool,
 }
 
 impl CompiledRoute {
@@ -461,12 +481,25 @@ impl CompiledRoute {
         })
     }
 
-    /// Port, method, header and host constraints (the path is the index's job).
-    fn applies(&self, request: &Request<'_>) -> bool {
-        (self.ports.is_empty() || self.ports.contains(&request.port))
+    /// Port, method, header and host constraints (the path is the index's
+    /// job): `None` when the route does not apply, else whether it applies
+    /// strictly.
+    fn applies(&self, request: &Request<'_>) -> Option<bool> {
+        let fixed = (self.ports.is_empty() || self.ports.contains(&request.port))
             && (self.methods.is_empty() || self.methods.contains(request.method))
-            && self.headers.iter().all(|h| h.matches(request.headers))
-            && (self.hosts.is_empty() || request.host.is_some_and(|host| self.host_matches(host)))
+            && (self.hosts.is_empty() || request.host.is_some_and(|host| self.host_matches(host)));
+        if !fixed {
+            return None;
+        }
+        let mut strict = true;
+        for h in &self.headers {
+            let (any, all) = h.matches(request.headers);
+            if !any {
+                return None;
+            }
+            strict &= all;
+        }
+        Some(strict)
     }
 
     fn host_matches(&self, host: &str) -> bool {
@@ -490,19 +523,26 @@ fn canonical_host(host: &str) -> &str {
 }
 
 impl HeaderCheck {
-    /// Exact and prefix matches hold only when every value of the header
-    /// does, so a second, different value cannot make a route apply.
-    fn matches(&self, headers: &HeaderMap) -> bool {
-        let mut values = headers.get_all(&self.name).iter().peekable();
+    /// (some value matches, every value matches), over repeated fields and
+    /// comma-joined values alike. `present: false` holds only for an absent
+    /// header.
+    fn matches(&self, headers: &HeaderMap) -> (bool, bool) {
+        let values = || {
+            headers
+                .get_all(&self.name)
+                .iter()
+                .flat_map(|v| v.to_str().unwrap_or("\u{0}").split(','))
+                .map(str::trim)
+        };
+        let present = values().next().is_some();
+        let test = |v: &str| match &self.kind {
+            HeaderCheckKind::Exact(want) => v == &**want,
+            HeaderCheckKind::Prefix(p) => v.starts_with(&**p),
+            HeaderCheckKind::Present(_) => true,
+        };
         match &self.kind {
-            HeaderCheckKind::Present(want) => values.peek().is_some() == *want,
-            HeaderCheckKind::Exact(v) => {
-                values.peek().is_some() && values.all(|x| x.to_str().is_ok_and(|x| x == &**v))
-            }
-            HeaderCheckKind::Prefix(p) => {
-                values.peek().is_some()
-                    && values.all(|x| x.to_str().is_ok_and(|x| x.starts_with(&**p)))
-            }
+            HeaderCheckKind::Present(want) => (present == *want, present == *want),
+            _ => (values().any(test), present && values().all(test)),
         }
     }
 }

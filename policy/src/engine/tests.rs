@@ -902,3 +902,69 @@ fn load_refuses_a_broken_wire_policy() {
             .contains("unknown algorithm")
     );
 }
+
+#[test]
+fn an_extra_header_value_cannot_switch_off_a_deny_route() {
+    let e = engine(&policy(
+        r#"routes:
+  - name: beta
+    match: {path: {prefix: /beta}, headers: [{name: x-env, exact: staging}]}
+    deny: [{name: all}]
+  - name: beta-open
+    match: {path: {prefix: /beta}}
+    allow: [{name: any}]"#,
+    ));
+    assert_eq!(
+        get("/beta/x").header("x-env", "staging").decide(&e).2,
+        Reason::DenyRule
+    );
+    assert_eq!(
+        get("/beta/x")
+            .header("x-env", "staging")
+            .header("x-env", "prod")
+            .decide(&e)
+            .2,
+        Reason::DenyRule
+    );
+    assert_eq!(
+        get("/beta/x").header("x-env", "staging, prod").decide(&e).2,
+        Reason::DenyRule
+    );
+    assert!(allowed(&e, &get("/beta/x").header("x-env", "prod")));
+}
+
+#[test]
+fn an_extra_header_value_cannot_select_an_allowing_route() {
+    let e = engine(&policy(
+        r#"routes:
+  - name: internal
+    match: {path: {prefix: /}, headers: [{name: x-internal, exact: "yes"}]}
+    allow: [{name: any}]
+  - name: rest
+    allow: [{name: ops, namespaces: [ops]}]"#,
+    ));
+    assert!(allowed(&e, &get("/x").header("x-internal", "yes")));
+    // "yes" among other values is a loose match only: access falls to `rest`.
+    let (ok, _, _, rule) = get("/x").header("x-internal", "yes, no").decide(&e);
+    assert!(!ok);
+    assert_eq!(rule.as_deref(), Some("shop/p/routes/rest"));
+}
+
+#[test]
+fn audit_mode_authentication_does_not_change_enforcement() {
+    let enforced = policy("routes:\n  - {allow: [{namespaces: [web]}]}");
+    let audit = policy(
+        "mode: audit\nauthentication:\n  jwt: [{issuer: \"https://id.example.com\", jwksUri: \"https://id.example.com/jwks\"}]\nroutes:\n  - {rateLimit: {amount: 5, period: 1s}}",
+    )
+    .replace("name: p\n", "name: rollout\n");
+    let e = engine(&format!("{enforced}---\n{audit}"));
+    assert!(e.policy().jwt_providers.is_empty());
+    assert_eq!(get("/x").decide(&e).1, 403);
+    // The reported route is an enforced one.
+    let e = engine(&format!(
+        "{}---\n{audit}",
+        policy("routes:\n  - {name: all, allow: [{}]}")
+    ));
+    let r = get("/x");
+    assert_eq!(e.decide(&r.request()).route, Some("shop/p/routes/all"));
+}
