@@ -29,10 +29,11 @@ pub fn document_label(doc: &Value, index: usize) -> String {
     }
 }
 
+/// One document: the valid policy, or its label and every problem.
+pub type LoadedPolicy = Result<ApiSecurityPolicy, (String, ValidationErrors)>;
+
 /// Parses and validates every document; the namespace defaults to `default`.
-pub fn load_policies(
-    text: &str,
-) -> Result<Vec<Result<ApiSecurityPolicy, (String, ValidationErrors)>>, ParseError> {
+pub fn load_policies(text: &str) -> Result<Vec<LoadedPolicy>, ParseError> {
     Ok(parse_documents(text)?
         .iter()
         .enumerate()

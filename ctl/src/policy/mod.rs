@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Subcommand;
 use palisade_policy::crd::ApiSecurityPolicy;
-use palisade_policy::documents::load_policies;
+use palisade_policy::documents::{LoadedPolicy, load_policies};
 
 pub use simulate::SimulateArgs;
 
@@ -58,10 +58,7 @@ pub(crate) fn load_valid(files: &[PathBuf]) -> anyhow::Result<Vec<ApiSecurityPol
     Ok(policies)
 }
 
-pub(crate) type Loaded =
-    Vec<Result<ApiSecurityPolicy, (String, palisade_policy::validate::ValidationErrors)>>;
-
-pub(crate) fn read_file(file: &Path) -> anyhow::Result<Loaded> {
+pub(crate) fn read_file(file: &Path) -> anyhow::Result<Vec<LoadedPolicy>> {
     let text =
         std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
     load_policies(&text).with_context(|| file.display().to_string())
