@@ -162,10 +162,11 @@ impl BodySchema {
 
     /// Parses `body` as JSON and validates it.
     pub fn validate(&self, body: &[u8]) -> Result<(), BodyError> {
-        let value: Value = serde_json::from_slice(body).map_err(|e| BodyError::NotJson {
-            line: e.line(),
-            column: e.column(),
-        })?;
+        let value: Value =
+            crate::json::parse_unambiguous(body).map_err(|e| BodyError::NotJson {
+                line: e.line(),
+                column: e.column(),
+            })?;
         self.validate_value(&value)
     }
 
@@ -594,6 +595,19 @@ mod tests {
             schema.validate_value(&json!({"amount": -5, "currency": "USD"})),
             invalid("/amount", "minimum")
         );
+    }
+
+    #[test]
+    fn duplicate_members_are_not_json() {
+        let schema = BodySchema::compile(
+            r#"{"type": "object", "properties": {"amount": {"maximum": 100}}}"#,
+        )
+        .unwrap();
+        assert!(schema.validate(br#"{"amount": 1}"#).is_ok());
+        assert!(matches!(
+            schema.validate(br#"{"amount": 1, "amount": 99999}"#),
+            Err(BodyError::NotJson { .. })
+        ));
     }
 
     #[test]

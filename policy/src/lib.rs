@@ -8,6 +8,7 @@ pub mod body;
 pub mod duration;
 pub mod engine;
 pub mod identity;
+pub mod json;
 pub mod masking;
 pub mod normalize;
 pub mod path_index;

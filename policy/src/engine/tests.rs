@@ -968,3 +968,62 @@ fn audit_mode_authentication_does_not_change_enforcement() {
     let r = get("/x");
     assert_eq!(e.decide(&r.request()).route, Some("shop/p/routes/all"));
 }
+
+mod never_panics {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn full_engine() -> PolicyEngine {
+        engine(&policy(
+            r#"mtls: permissive
+ipFilter: {trustedProxies: [10.0.0.0/8], deny: [192.0.2.0/24]}
+roles: [{name: r, claims: [{name: a.b, values: [x]}]}]
+routes:
+  - match: {path: {template: "/o/{id}/x"}, headers: [{name: x-h, prefix: p}], hosts: [a.example]}
+    allow: [{roles: [r], conditions: [{key: "header:x-t", in: [a]}, {key: "claim:c", prefix: p}]}]
+    rateLimit: {amount: 3, period: 1s, key: "header:x-k"}
+    validation: {maxBodyBytes: 10, contentTypes: [application/json]}
+  - match: {path: {prefix: /admin}}
+    deny: [{conditions: [{timeOfDay: {start: "22:00", end: "06:00"}}]}]
+  - allow: [{sourceCidrs: [10.0.0.0/8]}]
+    rateLimit: {amount: 2, period: 1s, key: sourceIp, algorithm: slidingWindow}"#,
+        ))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+        /// Whatever a peer sends, `decide` answers and refusals carry a 4xx.
+        #[test]
+        fn decide_answers_anything(
+            target in "[/a-zA-Z0-9%.\\\\?#;:@!$&'()*+,=~_-]{0,40}",
+            method in "[A-Za-z]{1,8}",
+            values in proptest::collection::vec(("(x-h|x-t|x-k|x-forwarded-for|content-length|content-type|host|transfer-encoding)", "[ -~]{0,20}"), 0..6),
+            claim in "[ -~]{0,10}",
+            unix in any::<i64>(),
+            mono in any::<u64>(),
+            peer_ip in any::<[u8; 4]>(),
+        ) {
+            let e = full_engine();
+            let mut r = get("/");
+            r.target = target;
+            r.method = Method::from_bytes(method.as_bytes()).unwrap_or(Method::GET);
+            for (name, value) in values {
+                if let Ok(v) = HeaderValue::from_str(&value) {
+                    r.headers.append(HeaderName::from_bytes(name.as_bytes()).unwrap(), v);
+                }
+            }
+            r.claims = Some(json!({"a": {"b": claim.clone()}, "c": claim}));
+            r.unix = unix;
+            r.monotonic = Duration::from_nanos(mono);
+            r.peer_addr = IpAddr::from(peer_ip);
+            let d = e.decide(&r.request());
+            if d.verdict.allowed {
+                prop_assert_eq!(d.verdict.status, 200);
+                prop_assert!(d.normalized_path.is_some());
+            } else {
+                prop_assert!((400..500).contains(&d.verdict.status));
+            }
+        }
+    }
+}

@@ -48,17 +48,18 @@ struct Shard<S> {
     next_eviction_at: Nanos,
 }
 
+/// Keys one shard can hold at least, when `max_keys` allows.
+const MIN_SHARD_CAPACITY: usize = 64;
+
 impl<A: LimitAlgorithm> KeyTable<A> {
     /// `max_keys >= 1`, as `LimitConfig::validate` ensures.
     pub(crate) fn new(algorithm: A, max_keys: usize) -> Self {
         let max_keys = max_keys.max(1);
-        // A power of two, at most one shard per key so none is left with
-        // capacity zero while others have room.
-        let shard_count = if max_keys >= MAX_SHARDS {
-            MAX_SHARDS
-        } else {
-            1 << max_keys.ilog2()
-        };
+        // A power of two, with room for at least MIN_SHARD_CAPACITY keys in
+        // each shard: with tiny shards, two keys hashing together would
+        // push one into the overflow state while other shards sit empty.
+        let wanted = (max_keys / MIN_SHARD_CAPACITY).clamp(1, MAX_SHARDS);
+        let shard_count = 1 << wanted.ilog2();
         let shards = (0..shard_count)
             .map(|index| {
                 // Spread the remainder so capacities sum to exactly max_keys.
