@@ -1,11 +1,24 @@
-//! `palisade-operator`: the Palisade control plane.
-//!
-//! This build provides `crdgen`; the controller, CA and discovery service
-//! follow (see the open issues).
+//! `palisade-operator`: the Palisade control plane. This file only parses
+//! flags and wires the library together.
 
 mod crdgen;
 
-use clap::{Parser, Subcommand};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+
+use palisade_operator::ca::{self, Ca, CaMaterial, Origin};
+use palisade_operator::identity::IssuanceCounters;
+use palisade_operator::server::{ServeConfig, Server};
+use palisade_operator::tokens::TokenValidator;
+use palisade_operator::tokens::file::TokenFile;
+use palisade_operator::tokens::review::TokenReviewer;
+use palisade_policy::identity::SpiffeId;
 
 #[derive(Parser)]
 #[command(
@@ -20,13 +33,219 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the identity service (workload certificates over TLS).
+    ///
+    /// Local mode: the CA lives in --state-dir (generated on first start)
+    /// and tokens come from --tokens. Kubernetes mode (--kubernetes): the CA
+    /// lives in a Secret in --namespace and tokens are checked with
+    /// TokenReview.
+    Serve(ServeArgs),
+    /// Manage the certificate authority.
+    #[command(subcommand)]
+    Ca(CaCommand),
     /// Print the ApiSecurityPolicy CustomResourceDefinition as YAML.
     Crdgen,
 }
 
+#[derive(Args)]
+struct ServeArgs {
+    /// Directory holding the CA (`<dir>/ca/`); created with a new CA if absent.
+    #[arg(
+        long,
+        value_name = "DIR",
+        required_unless_present = "kubernetes",
+        conflicts_with = "kubernetes"
+    )]
+    state_dir: Option<PathBuf>,
+    /// Token file: one `TOKEN NAMESPACE SERVICEACCOUNT` per line, `#` comments.
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "kubernetes",
+        conflicts_with = "kubernetes"
+    )]
+    tokens: Option<PathBuf>,
+    /// Kubernetes mode: CA in a Secret, tokens checked with TokenReview
+    /// (audience palisade.dev), using the in-cluster or kubeconfig credentials.
+    #[arg(long)]
+    kubernetes: bool,
+    /// Name of the CA Secret in Kubernetes mode.
+    #[arg(long, value_name = "NAME", default_value = ca::secret::DEFAULT_SECRET_NAME)]
+    ca_secret: String,
+    /// SPIFFE trust domain of issued identities.
+    #[arg(long, value_name = "DOMAIN", default_value = "cluster.local")]
+    trust_domain: String,
+    /// The operator's namespace (its own identity, and the CA Secret's home).
+    #[arg(
+        long,
+        value_name = "NS",
+        env = "POD_NAMESPACE",
+        default_value = "palisade-system"
+    )]
+    namespace: String,
+    /// Address of the TLS gRPC endpoint.
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:15012")]
+    listen: SocketAddr,
+    /// Lifetime of issued certificates (and the most an agent may ask for),
+    /// e.g. 30s, 15m, 24h.
+    #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_ttl)]
+    cert_ttl: Duration,
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Generate a CA in <dir>/ca/ unless one exists; print each trust-bundle
+    /// root's SHA-256 fingerprint, one per line.
+    Init {
+        /// State directory; the CA goes to <DIR>/ca/.
+        #[arg(long, value_name = "DIR")]
+        state_dir: PathBuf,
+    },
+}
+
+fn parse_ttl(text: &str) -> Result<Duration, String> {
+    let ttl = palisade_policy::duration::parse_duration(text).map_err(|e| e.to_string())?;
+    if ttl < Duration::from_secs(1) {
+        return Err("must be at least 1s".into());
+    }
+    Ok(ttl)
+}
+
 fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+    // ring is the only provider linked; make it the process default anyway
+    // so nothing can pick a different one.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cli = Cli::parse();
+    match cli.command {
         Command::Crdgen => print!("{}", crdgen::crd_yaml()?),
+        Command::Ca(CaCommand::Init { state_dir }) => {
+            init_tracing();
+            ca_init(&state_dir)?;
+        }
+        Command::Serve(args) => {
+            init_tracing();
+            tokio::runtime::Runtime::new()
+                .context("starting the async runtime")?
+                .block_on(serve(args))?;
+        }
     }
     Ok(())
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn generate() -> Result<CaMaterial, ca::CaError> {
+    ca::generate::generate_root(SystemTime::now())
+}
+
+fn ca_init(state_dir: &Path) -> anyhow::Result<()> {
+    let (material, origin) = ca::dir::load_or_create(state_dir, generate)?;
+    let ca = Ca::load(&material).context("the CA in the state directory is not usable")?;
+    let where_ = ca::dir::ca_dir(state_dir);
+    match origin {
+        Origin::Created => tracing::info!(dir = %where_.display(), "created a new CA"),
+        Origin::Existing => tracing::info!(dir = %where_.display(), "a CA already exists; kept it"),
+    }
+    for fp in ca.root_fingerprints() {
+        println!("{fp}");
+    }
+    Ok(())
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    if let Err(e) = SpiffeId::for_service_account(&args.trust_domain, "ns", "sa") {
+        bail!("--trust-domain {:?}: {e}", args.trust_domain);
+    }
+    let (material, origin, tokens, bundle_location): (_, _, Arc<dyn TokenValidator>, String) =
+        match (&args.state_dir, &args.tokens, args.kubernetes) {
+            (Some(state_dir), Some(tokens), false) => {
+                // Tokens first: a mistyped path should not leave a new CA behind.
+                let tokens = TokenFile::load(tokens)?;
+                let (material, origin) = ca::dir::load_or_create(state_dir, generate)?;
+                tracing::info!(tokens = tokens.len(), "loaded the token file");
+                // Absolute, so scripts can use it from anywhere.
+                let state_dir = std::fs::canonicalize(state_dir).unwrap_or(state_dir.clone());
+                let bundle = ca::dir::trust_bundle_path(&state_dir).display().to_string();
+                (material, origin, Arc::new(tokens), bundle)
+            }
+            (None, None, true) => {
+                let client = kube::Client::try_default()
+                    .await
+                    .context("connecting to the Kubernetes API")?;
+                let (material, origin) = ca::secret::load_or_create(
+                    client.clone(),
+                    &args.namespace,
+                    &args.ca_secret,
+                    generate,
+                )
+                .await?;
+                let reviewer = TokenReviewer::new(client, palisade_operator::TOKEN_AUDIENCE);
+                let bundle = format!(
+                    "secret/{}/{} key {}",
+                    args.namespace,
+                    args.ca_secret,
+                    ca::material::TRUST_BUNDLE_FILE
+                );
+                (material, origin, Arc::new(reviewer), bundle)
+            }
+            _ => bail!("use either --state-dir and --tokens, or --kubernetes"),
+        };
+    let ca = Arc::new(Ca::load(&material).context("loading the CA")?);
+    tracing::info!(
+        created = origin == Origin::Created,
+        roots = ?ca.root_fingerprints(),
+        intermediates = ca.intermediates().len(),
+        "CA ready"
+    );
+    let config = ServeConfig {
+        listen: args.listen,
+        trust_domain: args.trust_domain,
+        namespace: args.namespace,
+        cert_ttl: args.cert_ttl,
+    };
+    let counters = Arc::new(IssuanceCounters::default());
+    let server = Server::bind(&config, ca, tokens, counters.clone()).await?;
+    {
+        // Scripts and tests wait for these lines.
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "palisade-operator trust bundle {bundle_location}")?;
+        writeln!(
+            out,
+            "palisade-operator listening on {}",
+            server.local_addr()
+        )?;
+        out.flush()?;
+    }
+    server.run(shutdown_signal()).await?;
+    let totals = counters.snapshot();
+    tracing::info!(
+        issued = totals.issued,
+        refused = totals.refused(),
+        "stopped"
+    );
+    Ok(())
+}
+
+/// Ctrl-C or SIGTERM (what Kubernetes sends).
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
 }

@@ -1,0 +1,108 @@
+//! The operator's gRPC endpoint (port 15012): TLS with a certificate from
+//! its own CA, serving `Identity` (and, later, `Discovery`).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use palisade_proto::identity::v1::identity_server::IdentityServer;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+use crate::ca::Ca;
+use crate::identity::{IdentityService, IssuanceCounters};
+use crate::tls::{self, RotatingCert, TlsError};
+use crate::tokens::TokenValidator;
+
+/// gRPC messages here are small (a token and a CSR).
+const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("listening on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+pub struct ServeConfig {
+    pub listen: SocketAddr,
+    pub trust_domain: String,
+    /// The operator's namespace (names its serving identity).
+    pub namespace: String,
+    /// Maximum (and default) workload certificate lifetime.
+    pub cert_ttl: Duration,
+}
+
+/// A bound, not yet serving endpoint; `local_addr` is known so the caller
+/// can announce it before serving.
+pub struct Server {
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    acceptor: TlsAcceptor,
+    service: IdentityService,
+    renewal: tokio::task::JoinHandle<()>,
+}
+
+impl Server {
+    pub async fn bind(
+        config: &ServeConfig,
+        ca: Arc<Ca>,
+        tokens: Arc<dyn TokenValidator>,
+        counters: Arc<IssuanceCounters>,
+    ) -> Result<Self, ServeError> {
+        let profile =
+            tls::serving_profile(&config.trust_domain, &config.namespace, config.cert_ttl)?;
+        let (cert, not_after) = tls::issue_serving_cert(&ca, &profile)?;
+        let resolver = Arc::new(RotatingCert::new(cert));
+        let acceptor = TlsAcceptor::from(tls::server_config(resolver.clone())?);
+        let renewal = tokio::spawn(tls::renew_forever(ca.clone(), profile, resolver, not_after));
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| ServeError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
+        let local_addr = listener.local_addr().map_err(|source| ServeError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        let service = IdentityService::new(
+            ca,
+            tokens,
+            config.trust_domain.clone(),
+            config.cert_ttl,
+            counters,
+        );
+        Ok(Self {
+            listener,
+            local_addr,
+            acceptor,
+            service,
+            renewal,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Serves until `shutdown` completes.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
+        let identity =
+            IdentityServer::new(self.service).max_decoding_message_size(MAX_MESSAGE_BYTES);
+        let result = tonic::transport::Server::builder()
+            .add_service(identity)
+            .serve_with_incoming_shutdown(tls::incoming(self.listener, self.acceptor), shutdown)
+            .await;
+        self.renewal.abort();
+        Ok(result?)
+    }
+}

@@ -1,0 +1,193 @@
+//! The operator's TLS endpoint: its serving certificate (issued by its own
+//! CA, renewed before expiry and swapped without a restart), the rustls
+//! server configuration, and the stream of accepted TLS connections tonic
+//! serves on.
+
+use std::io;
+use std::net::IpAddr;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use rcgen::{KeyPair, PKCS_ECDSA_P256_SHA256};
+use rustls::ServerConfig;
+use rustls::crypto::CryptoProvider;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tonic::codegen::tokio_stream::wrappers::ReceiverStream;
+
+use palisade_policy::identity::SpiffeId;
+
+use crate::ca::{Ca, CaError, LeafProfile};
+
+/// A TLS handshake that takes longer than this is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("issuing the serving certificate: {0}")]
+    Issue(#[from] CaError),
+    #[error("generating the serving key: {0}")]
+    Key(rcgen::Error),
+    #[error("TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("invalid serving name: {0}")]
+    Name(String),
+}
+
+/// The names in the operator's serving certificate: its SPIFFE ID, the
+/// in-cluster Service name, and loopback for local mode.
+pub fn serving_profile(
+    trust_domain: &str,
+    namespace: &str,
+    ttl: Duration,
+) -> Result<LeafProfile, TlsError> {
+    let spiffe_id =
+        SpiffeId::for_service_account(trust_domain, namespace, crate::OPERATOR_SERVICE_ACCOUNT)
+            .map_err(|e| TlsError::Name(e.to_string()))?;
+    Ok(LeafProfile {
+        spiffe_id,
+        dns_names: vec![
+            format!("{}.{namespace}.svc", crate::OPERATOR_SERVICE_ACCOUNT),
+            "localhost".to_owned(),
+        ],
+        ip_addresses: vec![IpAddr::from([127, 0, 0, 1])],
+        ttl,
+    })
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Issues a serving certificate with a fresh in-memory key. Returns it with
+/// its expiry.
+pub fn issue_serving_cert(
+    ca: &Ca,
+    profile: &LeafProfile,
+) -> Result<(Arc<CertifiedKey>, SystemTime), TlsError> {
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(TlsError::Key)?;
+    let now = SystemTime::now();
+    let leaf = ca.issue(&key, profile, now)?;
+    let mut chain = vec![leaf.der.clone()];
+    chain.extend(ca.intermediates().iter().cloned());
+    let private = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+    let certified = CertifiedKey::from_der(chain, private, &provider())?;
+    Ok((Arc::new(certified), leaf.not_after))
+}
+
+/// Serves whatever certificate was stored last, so renewal is a pointer swap.
+#[derive(Debug)]
+pub struct RotatingCert {
+    current: RwLock<Arc<CertifiedKey>>,
+}
+
+impl RotatingCert {
+    pub fn new(initial: Arc<CertifiedKey>) -> Self {
+        Self {
+            current: RwLock::new(initial),
+        }
+    }
+
+    pub fn replace(&self, next: Arc<CertifiedKey>) {
+        // A poisoned lock still holds a valid Arc; keep serving with it.
+        match self.current.write() {
+            Ok(mut guard) => *guard = next,
+            Err(poisoned) => *poisoned.into_inner() = next,
+        }
+    }
+}
+
+impl ResolvesServerCert for RotatingCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(match self.current.read() {
+            Ok(guard) => guard.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        })
+    }
+}
+
+/// TLS 1.3 preferred, 1.2 minimum, HTTP/2 only (gRPC). Clients are not
+/// asked for certificates: agents come here before they have one.
+pub fn server_config(resolver: Arc<RotatingCert>) -> Result<Arc<ServerConfig>, TlsError> {
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_no_client_auth()
+        .with_cert_resolver(resolver);
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Renews the serving certificate at 70 % of its lifetime, forever. On
+/// failure it retries every few seconds and keeps serving the old one.
+pub async fn renew_forever(
+    ca: Arc<Ca>,
+    profile: LeafProfile,
+    resolver: Arc<RotatingCert>,
+    mut not_after: SystemTime,
+) {
+    loop {
+        let lifetime = profile.ttl;
+        let renew_at = not_after
+            .checked_sub(lifetime.mul_f64(0.3))
+            .unwrap_or(not_after);
+        let wait = renew_at
+            .duration_since(SystemTime::now())
+            .unwrap_or_default()
+            .max(Duration::from_secs(1));
+        tokio::time::sleep(wait).await;
+        match issue_serving_cert(&ca, &profile) {
+            Ok((cert, expiry)) => {
+                resolver.replace(cert);
+                not_after = expiry;
+                tracing::info!("renewed the operator's serving certificate");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "renewing the serving certificate failed; retrying");
+                not_after = SystemTime::now() + lifetime.mul_f64(0.3) / 10;
+            }
+        }
+    }
+}
+
+/// Accepts TCP connections and completes TLS handshakes concurrently (a
+/// slow client cannot hold up the others), yielding finished TLS streams.
+pub fn incoming(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+) -> ReceiverStream<Result<TlsStream<TcpStream>, io::Error>> {
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = match listener.accept().await {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off, go on.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            // The server has stopped reading connections: stop accepting.
+            if tx.is_closed() {
+                break;
+            }
+            let acceptor = acceptor.clone();
+            let conn_tx = tx.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = conn_tx.send(Ok(tls)).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}
