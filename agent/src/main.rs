@@ -1,13 +1,18 @@
-//! `palisade-agent`: the Palisade sidecar.
-//!
-//! This build loads and checks a compiled policy; the proxy listeners,
-//! identity client and iptables setup follow (see the open issues).
+//! `palisade-agent`: the Palisade sidecar. This file only parses flags and
+//! wires the library together.
 
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use palisade_agent::identity::{
+    CertStore, IdentityClient, IdentityClientConfig, RenewalConfig, Renewer, TokenSource,
+};
+use palisade_agent::tls::{MeshTrust, SharedTrustBundle, TrustBundle};
 use palisade_policy::PolicyEngine;
+use palisade_policy::identity::SpiffeId;
 use palisade_policy::wire::WorkloadPolicy;
 use prost::Message;
 
@@ -29,23 +34,97 @@ enum Command {
         /// Binary WorkloadPolicy file.
         policy_file: PathBuf,
     },
+    /// Obtain a workload certificate from the operator and keep renewing it (at 70 % of its
+    /// lifetime, with jittered backoff on failure), logging each renewal. Runs until interrupted.
+    Identity(IdentityArgs),
+}
+
+#[derive(clap::Args)]
+struct IdentityArgs {
+    /// Operator identity service, HOST:PORT (the operator listens on 15012).
+    #[arg(long, env = "PALISADE_OPERATOR")]
+    operator: String,
+    /// File holding the proof of identity (projected ServiceAccount token or local token);
+    /// re-read on every request.
+    #[arg(long, env = "PALISADE_TOKEN_FILE")]
+    token_file: PathBuf,
+    /// PEM file with the trust anchors (one or more roots) the operator's certificate must chain to.
+    #[arg(long, env = "PALISADE_TRUST_BUNDLE")]
+    trust_bundle: PathBuf,
+    /// SPIFFE ID the operator's certificate must carry; without it any identity of the trust
+    /// domain signed by the bundle is accepted.
+    #[arg(long, value_name = "spiffe://…")]
+    operator_id: Option<String>,
+    /// Trust domain of this mesh.
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    /// Requested certificate lifetime in seconds (the operator may shorten it); default: the operator's.
+    #[arg(long, value_name = "SECONDS")]
+    ttl: Option<u64>,
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::CheckPolicy { policy_file } => {
-            let bytes = std::fs::read(&policy_file)
-                .with_context(|| format!("cannot read {}", policy_file.display()))?;
-            let policy =
-                WorkloadPolicy::decode(bytes.as_slice()).context("not a WorkloadPolicy")?;
-            let engine = PolicyEngine::load(policy).context("policy cannot be enforced")?;
-            println!(
-                "policy {} for {}: {} routes, ready",
-                engine.version(),
-                engine.policy().workload,
-                engine.policy().routes.len()
-            );
+        Command::CheckPolicy { policy_file } => check_policy(policy_file),
+        Command::Identity(args) => {
+            init_tracing();
+            tokio::runtime::Runtime::new()
+                .context("cannot start the async runtime")?
+                .block_on(identity(args))
         }
     }
+}
+
+fn check_policy(policy_file: PathBuf) -> anyhow::Result<()> {
+    let bytes = std::fs::read(&policy_file)
+        .with_context(|| format!("cannot read {}", policy_file.display()))?;
+    let policy = WorkloadPolicy::decode(bytes.as_slice()).context("not a WorkloadPolicy")?;
+    let engine = PolicyEngine::load(policy).context("policy cannot be enforced")?;
+    println!(
+        "policy {} for {}: {} routes, ready",
+        engine.version(),
+        engine.policy().workload,
+        engine.policy().routes.len()
+    );
     Ok(())
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colour only on a terminal, so logs shipped from a pod stay plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .init();
+}
+
+async fn identity(args: IdentityArgs) -> anyhow::Result<()> {
+    let bundle = TrustBundle::from_pem_file(&args.trust_bundle)?;
+    let trust = MeshTrust::new(SharedTrustBundle::new(bundle), &args.trust_domain)?;
+    let operator_id = args
+        .operator_id
+        .as_deref()
+        .map(SpiffeId::parse)
+        .transpose()
+        .context("--operator-id is not a workload SPIFFE ID")?;
+    if operator_id.is_none() {
+        tracing::warn!(
+            "no --operator-id: any workload of the trust domain could act as the operator"
+        );
+    }
+    let mut config = IdentityClientConfig::new(args.operator, TokenSource::File(args.token_file));
+    config.operator_id = operator_id;
+    config.requested_ttl = args.ttl.map(Duration::from_secs);
+    let client = IdentityClient::new(config, trust)?;
+    let renewer = Renewer::new(client, Arc::new(CertStore::new()), RenewalConfig::default());
+    tokio::select! {
+        () = renewer.run() => Ok(()),
+        signal = tokio::signal::ctrl_c() => {
+            signal.context("cannot listen for Ctrl-C")?;
+            tracing::info!("interrupted; exiting");
+            Ok(())
+        }
+    }
 }

@@ -1,0 +1,9 @@
+//! The Palisade sidecar as a library; `main.rs` only parses flags and wires.
+//!
+//! - [`tls`]: SPIFFE-aware certificate verification and the rustls configs for
+//!   mesh traffic (DESIGN §3, §6).
+//! - [`identity`]: the workload key, certificate issuance from the operator,
+//!   renewal and the certificate store handshakes read from.
+
+pub mod identity;
+pub mod tls;

@@ -1,0 +1,96 @@
+//! The `palisade-agent identity` subcommand as a process, against the test
+//! double of the operator: it fetches a certificate and keeps renewing it.
+
+mod common;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::operator::FakeOperator;
+use common::{OPERATOR, TestCa, WEB};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+
+#[tokio::test]
+async fn identity_subcommand_fetches_and_renews() {
+    let op = FakeOperator::new(
+        TestCa::new("mesh root"),
+        Duration::from_secs(3),
+        &[("tok-web", WEB)],
+    );
+    let addr = op.serve_default().await;
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("bundle.pem");
+    let token = dir.path().join("token");
+    std::fs::write(&bundle, &op.ca.pem).unwrap();
+    std::fs::write(&token, "tok-web\n").unwrap();
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_palisade-agent"))
+        .arg("identity")
+        .arg("--operator")
+        .arg(addr.to_string())
+        .arg("--token-file")
+        .arg(&token)
+        .arg("--trust-bundle")
+        .arg(&bundle)
+        .arg("--operator-id")
+        .arg(OPERATOR)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut installed = Vec::new();
+    let waited = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.contains("workload certificate installed") {
+                installed.push(line);
+                if installed.len() == 3 {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    let _ = child.kill().await;
+    assert!(waited.is_ok(), "renewal lines seen: {installed:#?}");
+    for line in &installed {
+        assert!(line.contains(WEB), "{line}");
+        assert!(line.contains("serial="), "{line}");
+        assert!(line.contains("not_after="), "{line}");
+        assert!(
+            !line.contains("tok-web"),
+            "token leaked into the log: {line}"
+        );
+    }
+    let serial = |l: &String| {
+        l.split("serial=")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .map(str::to_owned)
+    };
+    assert_ne!(serial(&installed[0]), serial(&installed[2]));
+}
+
+#[tokio::test]
+async fn help_lists_the_identity_flags() {
+    let out = Command::new(env!("CARGO_BIN_EXE_palisade-agent"))
+        .args(["identity", "--help"])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--operator",
+        "--token-file",
+        "--trust-bundle",
+        "--operator-id",
+        "--trust-domain",
+    ] {
+        assert!(help.contains(flag), "{flag} missing:\n{help}");
+    }
+}
