@@ -1,5 +1,6 @@
 //! `palisadectl`: the Palisade command line.
 
+mod certs;
 mod policy;
 
 use clap::{Parser, Subcommand};
@@ -20,12 +21,16 @@ enum Command {
     /// Work with ApiSecurityPolicy files.
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
+    /// Inspect workload certificates.
+    #[command(subcommand)]
+    Certs(certs::CertsCommand),
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Policy(cmd) => policy::run(cmd),
+        Command::Certs(cmd) => certs::run(cmd),
     };
     match result {
         Ok(code) => code,
