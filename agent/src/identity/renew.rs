@@ -67,6 +67,21 @@ pub fn renewal_delay(not_before: i64, not_after: i64, now: SystemTime, fraction:
     Duration::try_from_secs_f64(target - now).unwrap_or(Duration::ZERO)
 }
 
+/// The renewal delay for a certificate just received. The operator
+/// back-dates not-before for clock skew; that slack is not lifetime the
+/// agent had, so the lifetime counts from receipt.
+pub fn delay_after_receipt(
+    not_before: i64,
+    not_after: i64,
+    received: SystemTime,
+    fraction: f64,
+) -> Duration {
+    let received_secs = received
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    renewal_delay(not_before.max(received_secs), not_after, received, fraction)
+}
+
 pub struct Renewer {
     client: IdentityClient,
     store: Arc<CertStore>,
@@ -113,7 +128,7 @@ impl Renewer {
             let wait = match self.renew_once().await {
                 Ok(cert) => {
                     backoff.reset();
-                    let wait = renewal_delay(
+                    let wait = delay_after_receipt(
                         cert.not_before(),
                         cert.not_after(),
                         SystemTime::now(),
@@ -182,6 +197,19 @@ mod tests {
         assert_eq!(d, Duration::from_secs(60_480));
         let d = renewal_delay(1000, 1010, at(1002.0), 0.7);
         assert!((d.as_secs_f64() - 5.0).abs() < 1e-6, "{d:?}");
+    }
+
+    #[test]
+    fn back_dated_not_before_does_not_count_as_lifetime() {
+        // A 30 s certificate back-dated by 5 min, received at t=1000: the
+        // renewal loop counts from receipt, so it renews 21 s later.
+        let d = delay_after_receipt(1000 - 300, 1030, at(1000.0), 0.7);
+        assert_eq!(d, Duration::from_secs(21));
+        // Without back-dating it is the plain 70 %.
+        assert_eq!(
+            delay_after_receipt(1000, 1100, at(1000.0), 0.7),
+            Duration::from_secs(70)
+        );
     }
 
     #[test]
