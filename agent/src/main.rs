@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use palisade_agent::admin::{self, IdentityStatus};
 use palisade_agent::identity::{
     CertStore, IdentityClient, IdentityClientConfig, RenewalConfig, Renewer, TokenSource,
 };
@@ -61,6 +62,9 @@ struct IdentityArgs {
     /// Requested certificate lifetime in seconds (the operator may shorten it); default: the operator's.
     #[arg(long, value_name = "SECONDS")]
     ttl: Option<u64>,
+    /// Admin endpoint (plain HTTP: /healthz, /readyz, /metrics), ADDR:PORT; '' disables it.
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:15020")]
+    admin: String,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -101,6 +105,13 @@ fn init_tracing() {
 }
 
 async fn identity(args: IdentityArgs) -> anyhow::Result<()> {
+    let admin_addr: Option<std::net::SocketAddr> = match args.admin.trim() {
+        "" => None,
+        a => Some(
+            a.parse()
+                .with_context(|| format!("--admin {a:?} is not ADDR:PORT"))?,
+        ),
+    };
     let bundle = TrustBundle::from_pem_file(&args.trust_bundle)?;
     let trust = MeshTrust::new(SharedTrustBundle::new(bundle), &args.trust_domain)?;
     let operator_id = args
@@ -119,6 +130,17 @@ async fn identity(args: IdentityArgs) -> anyhow::Result<()> {
     config.requested_ttl = args.ttl.map(Duration::from_secs);
     let client = IdentityClient::new(config, trust)?;
     let renewer = Renewer::new(client, Arc::new(CertStore::new()), RenewalConfig::default());
+    let status = Arc::new(IdentityStatus::new(renewer.store().clone()));
+    // Subscribed before the loop starts, so the first outcome is counted.
+    tokio::spawn(status.clone().track(renewer.subscribe()));
+    if let Some(addr) = admin_addr {
+        let listener = admin::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} (--admin)"))?;
+        let bound = listener.local_addr().context("admin listener address")?;
+        tracing::info!(addr = %bound, "admin endpoint listening (/healthz, /readyz, /metrics)");
+        tokio::spawn(admin::serve(listener, status));
+    }
     tokio::select! {
         () = renewer.run() => Ok(()),
         signal = tokio::signal::ctrl_c() => {

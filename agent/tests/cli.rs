@@ -35,6 +35,9 @@ async fn identity_subcommand_fetches_and_renews() {
         .arg(&bundle)
         .arg("--operator-id")
         .arg(OPERATOR)
+        // Not the default 0.0.0.0:15020: tests must not collide on a fixed port.
+        .arg("--admin")
+        .arg("127.0.0.1:0")
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
         .stdout(Stdio::piped())
@@ -90,6 +93,7 @@ async fn help_lists_the_identity_flags() {
         "--trust-bundle",
         "--operator-id",
         "--trust-domain",
+        "--admin",
     ] {
         assert!(help.contains(flag), "{flag} missing:\n{help}");
     }

@@ -1,0 +1,458 @@
+//! The admin endpoint (DESIGN §6, port 15020): plain HTTP/1.1 for the kubelet's
+//! probes and Prometheus.
+//!
+//! - `/healthz`: 200 while the process runs.
+//! - `/readyz`: 200 while a certificate is installed and not expired, else 503.
+//! - `/metrics`: Prometheus text format (version 0.0.4), written by hand.
+//!
+//! Everything is read from the [`CertStore`] (readiness, expiry) and from the
+//! renewal loop's [`RenewalEvent`]s, counted by [`IdentityStatus::track`].
+
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::sync::broadcast;
+
+use crate::identity::{CertStore, RenewalEvent};
+
+/// The identity state the admin endpoint reports: the store handshakes read
+/// from, and counters of the renewal loop's outcomes.
+#[derive(Debug)]
+pub struct IdentityStatus {
+    store: Arc<CertStore>,
+    renewals: AtomicU64,
+    failures: AtomicU64,
+}
+
+/// One consistent reading of [`IdentityStatus`], rendered by [`render_metrics`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct MetricsSnapshot {
+    /// What `/readyz` answers: a certificate is installed and has not expired.
+    pub ready: bool,
+    /// Seconds until the current certificate's NotAfter (negative once
+    /// expired); `None` before the first certificate.
+    pub seconds_to_expiry: Option<f64>,
+    /// Certificates installed by the renewal loop, the first one included.
+    pub renewals: u64,
+    /// Failed attempts (operator unreachable or refusing, bad response).
+    pub failures: u64,
+}
+
+impl IdentityStatus {
+    pub fn new(store: Arc<CertStore>) -> Self {
+        Self {
+            store,
+            renewals: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+        }
+    }
+
+    pub fn store(&self) -> &Arc<CertStore> {
+        &self.store
+    }
+
+    /// Counts one event of the renewal loop.
+    pub fn record(&self, event: &RenewalEvent) {
+        let counter = match event {
+            RenewalEvent::Issued { .. } => &self.renewals,
+            RenewalEvent::Failed { .. } => &self.failures,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts the renewal loop's events until it stops. Subscribe before the
+    /// loop starts (`Renewer::subscribe`) so the first outcome is not missed.
+    pub async fn track(self: Arc<Self>, mut events: broadcast::Receiver<RenewalEvent>) {
+        loop {
+            match events.recv().await {
+                Ok(event) => self.record(&event),
+                // Cannot happen at the loop's pace (one event per second at
+                // most, 64 buffered), and the kind of a lost event is unknown.
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    tracing::warn!(missed, "renewal events lost; counters undercount");
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    }
+
+    /// Seconds to expiry, with sub-second precision, at `now`.
+    fn seconds_to_expiry_at(&self, now: SystemTime) -> Option<f64> {
+        let not_after = self.store.expiry().not_after_unix()?;
+        let now = match now.duration_since(UNIX_EPOCH) {
+            Ok(d) => d.as_secs_f64(),
+            Err(e) => -e.duration().as_secs_f64(),
+        };
+        Some(not_after as f64 - now)
+    }
+
+    pub fn snapshot_at(&self, now: SystemTime) -> MetricsSnapshot {
+        let seconds_to_expiry = self.seconds_to_expiry_at(now);
+        MetricsSnapshot {
+            // Readiness latches on the first certificate; an expired one is
+            // refused by every peer, so the workload is not ready any more.
+            ready: self.store.is_ready() && seconds_to_expiry.is_some_and(|s| s > 0.0),
+            seconds_to_expiry,
+            renewals: self.renewals.load(Ordering::Relaxed),
+            failures: self.failures.load(Ordering::Relaxed),
+        }
+    }
+
+    pub fn snapshot(&self) -> MetricsSnapshot {
+        self.snapshot_at(SystemTime::now())
+    }
+}
+
+/// The Prometheus text exposition of `m`. A gauge without a value (expiry
+/// before the first certificate) is declared but has no sample.
+pub fn render_metrics(m: &MetricsSnapshot) -> String {
+    let mut out = String::with_capacity(1024);
+    let mut metric = |name: &str, kind: &str, help: &str, value: Option<String>| {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        if let Some(v) = value {
+            let _ = writeln!(out, "{name} {v}");
+        }
+    };
+    metric(
+        "palisade_identity_ready",
+        "gauge",
+        "1 while a workload certificate is installed and not expired, else 0.",
+        Some(u8::from(m.ready).to_string()),
+    );
+    metric(
+        "palisade_identity_certificate_expiry_seconds",
+        "gauge",
+        "Seconds until the current workload certificate expires; negative once expired.",
+        m.seconds_to_expiry.map(format_float),
+    );
+    metric(
+        "palisade_identity_renewals_total",
+        "counter",
+        "Workload certificates obtained from the operator and installed, the first one included.",
+        Some(m.renewals.to_string()),
+    );
+    metric(
+        "palisade_identity_renewal_failures_total",
+        "counter",
+        "Failed attempts to obtain a workload certificate.",
+        Some(m.failures.to_string()),
+    );
+    out
+}
+
+/// Prometheus floats: `NaN`, `+Inf`, `-Inf`, or a decimal number.
+fn format_float(v: f64) -> String {
+    if v.is_nan() {
+        "NaN".into()
+    } else if v.is_infinite() {
+        if v > 0.0 { "+Inf" } else { "-Inf" }.into()
+    } else {
+        // Milliseconds are plenty for a certificate's remaining life.
+        let s = format!("{v:.3}");
+        let s = s.trim_end_matches('0').trim_end_matches('.');
+        if s == "-0" { "0".into() } else { s.into() }
+    }
+}
+
+pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Answers one admin request.
+pub fn respond(status: &IdentityStatus, method: &Method, path: &str) -> Response<Full<Bytes>> {
+    let (code, content_type, body) = if method != Method::GET && method != Method::HEAD {
+        (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain; charset=utf-8",
+            "method not allowed\n".to_owned(),
+        )
+    } else {
+        match path {
+            "/healthz" => (StatusCode::OK, "text/plain; charset=utf-8", "ok\n".into()),
+            "/readyz" => {
+                let snap = status.snapshot();
+                if snap.ready {
+                    (
+                        StatusCode::OK,
+                        "text/plain; charset=utf-8",
+                        "ready\n".into(),
+                    )
+                } else {
+                    let why = match snap.seconds_to_expiry {
+                        None => "no workload certificate yet\n",
+                        Some(_) => "the workload certificate has expired\n",
+                    };
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "text/plain; charset=utf-8",
+                        why.into(),
+                    )
+                }
+            }
+            "/metrics" => (
+                StatusCode::OK,
+                METRICS_CONTENT_TYPE,
+                render_metrics(&status.snapshot()),
+            ),
+            _ => (
+                StatusCode::NOT_FOUND,
+                "text/plain; charset=utf-8",
+                "not found\n".into(),
+            ),
+        }
+    };
+    let len = body.len();
+    let body = if method == Method::HEAD {
+        Bytes::new()
+    } else {
+        Bytes::from(body)
+    };
+    let mut resp = Response::new(Full::new(body));
+    *resp.status_mut() = code;
+    let headers = resp.headers_mut();
+    headers.insert(header::CONTENT_TYPE, content_type.parse().expect("static"));
+    headers.insert(header::CONTENT_LENGTH, len.into());
+    resp
+}
+
+/// Binds the admin listener (so a taken port fails start-up, not later).
+pub async fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+/// Serves HTTP/1.1 on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, status: Arc<IdentityStatus>) {
+    loop {
+        let tcp = match listener.accept().await {
+            Ok((tcp, _)) => tcp,
+            Err(e) => {
+                // Out of file descriptors and the like: wait a little, go on.
+                tracing::warn!(error = %e, "admin endpoint: accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let status = status.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let resp = respond(&status, req.method(), req.uri().path());
+                async move { Ok::<_, Infallible>(resp) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot(ready: bool, expiry: Option<f64>, renewals: u64, failures: u64) -> MetricsSnapshot {
+        MetricsSnapshot {
+            ready,
+            seconds_to_expiry: expiry,
+            renewals,
+            failures,
+        }
+    }
+
+    #[test]
+    fn text_format_after_a_certificate() {
+        let text = render_metrics(&snapshot(true, Some(2.5), 3, 1));
+        assert_eq!(
+            text,
+            "\
+# HELP palisade_identity_ready 1 while a workload certificate is installed and not expired, else 0.
+# TYPE palisade_identity_ready gauge
+palisade_identity_ready 1
+# HELP palisade_identity_certificate_expiry_seconds Seconds until the current workload certificate expires; negative once expired.
+# TYPE palisade_identity_certificate_expiry_seconds gauge
+palisade_identity_certificate_expiry_seconds 2.5
+# HELP palisade_identity_renewals_total Workload certificates obtained from the operator and installed, the first one included.
+# TYPE palisade_identity_renewals_total counter
+palisade_identity_renewals_total 3
+# HELP palisade_identity_renewal_failures_total Failed attempts to obtain a workload certificate.
+# TYPE palisade_identity_renewal_failures_total counter
+palisade_identity_renewal_failures_total 1
+"
+        );
+    }
+
+    #[test]
+    fn before_the_first_certificate_expiry_has_no_sample() {
+        let text = render_metrics(&snapshot(false, None, 0, 4));
+        assert!(text.contains("\npalisade_identity_ready 0\n"), "{text}");
+        assert!(text.contains("# TYPE palisade_identity_certificate_expiry_seconds gauge\n"));
+        assert!(!text.contains("\npalisade_identity_certificate_expiry_seconds "));
+        assert!(text.contains("\npalisade_identity_renewals_total 0\n"));
+        assert!(text.contains("\npalisade_identity_renewal_failures_total 4\n"));
+    }
+
+    #[test]
+    fn every_line_is_a_comment_or_a_sample() {
+        let text = render_metrics(&snapshot(false, Some(-12.0), 7, 9));
+        assert!(text.ends_with('\n'));
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# ") {
+                let mut parts = rest.splitn(3, ' ');
+                let kind = parts.next().unwrap();
+                assert!(kind == "HELP" || kind == "TYPE", "{line}");
+                assert!(parts.next().unwrap().starts_with("palisade_identity_"));
+                assert!(!parts.next().unwrap().is_empty(), "{line}");
+            } else {
+                let (name, value) = line.split_once(' ').expect(line);
+                assert!(name.starts_with("palisade_identity_"), "{line}");
+                assert!(
+                    name.bytes()
+                        .all(|b| b.is_ascii_lowercase() || b == b'_' || b.is_ascii_digit()),
+                    "{line}"
+                );
+                value.parse::<f64>().expect(line);
+            }
+        }
+        assert!(text.contains("\npalisade_identity_certificate_expiry_seconds -12\n"));
+    }
+
+    #[test]
+    fn floats() {
+        assert_eq!(format_float(3.0), "3");
+        assert_eq!(format_float(2.9994), "2.999");
+        assert_eq!(format_float(0.1), "0.1");
+        assert_eq!(format_float(-0.0001), "0");
+        assert_eq!(format_float(-86_400.25), "-86400.25");
+        assert_eq!(format_float(f64::NAN), "NaN");
+        assert_eq!(format_float(f64::INFINITY), "+Inf");
+        assert_eq!(format_float(f64::NEG_INFINITY), "-Inf");
+    }
+
+    fn event_issued() -> RenewalEvent {
+        RenewalEvent::Issued {
+            spiffe_id: palisade_policy::identity::SpiffeId::parse(
+                "spiffe://cluster.local/ns/shop/sa/web",
+            )
+            .unwrap(),
+            serial_hex: "01".into(),
+            not_after: 0,
+            next_renewal_in: std::time::Duration::from_secs(1),
+        }
+    }
+
+    fn event_failed() -> RenewalEvent {
+        RenewalEvent::Failed {
+            attempt: 1,
+            error: "down".into(),
+            retry_in: std::time::Duration::from_secs(1),
+            seconds_to_expiry: None,
+        }
+    }
+
+    #[test]
+    fn counts_events_and_is_not_ready_without_a_certificate() {
+        let status = IdentityStatus::new(Arc::new(CertStore::new()));
+        status.record(&event_failed());
+        status.record(&event_failed());
+        status.record(&event_issued());
+        let snap = status.snapshot();
+        assert_eq!(snap, snapshot(false, None, 1, 2));
+    }
+
+    #[tokio::test]
+    async fn track_counts_broadcast_events() {
+        let status = Arc::new(IdentityStatus::new(Arc::new(CertStore::new())));
+        let (tx, rx) = broadcast::channel(8);
+        let task = tokio::spawn(status.clone().track(rx));
+        tx.send(event_issued()).unwrap();
+        tx.send(event_failed()).unwrap();
+        tx.send(event_issued()).unwrap();
+        drop(tx);
+        task.await.unwrap();
+        let snap = status.snapshot();
+        assert_eq!((snap.renewals, snap.failures), (2, 1));
+    }
+
+    /// A self-signed workload leaf valid until `not_after`, installed in a store.
+    fn store_with_leaf(not_after: SystemTime) -> Arc<CertStore> {
+        use rcgen::{CertificateParams, KeyPair, SanType};
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![SanType::URI(
+            "spiffe://cluster.local/ns/shop/sa/web".try_into().unwrap(),
+        )];
+        params.not_before = (not_after - std::time::Duration::from_secs(3600)).into();
+        params.not_after = not_after.into();
+        let cert = params.self_signed(&key).unwrap();
+        let der = rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+        let signing = crate::tls::crypto_provider()
+            .key_provider
+            .load_private_key(der)
+            .unwrap();
+        let store = CertStore::new();
+        store.install(
+            crate::identity::IssuedCert::new(vec![cert.der().clone()], signing, "cluster.local")
+                .unwrap(),
+        );
+        Arc::new(store)
+    }
+
+    #[test]
+    fn ready_while_the_certificate_is_valid() {
+        let now = SystemTime::now();
+        let valid = IdentityStatus::new(store_with_leaf(now + std::time::Duration::from_secs(60)));
+        let snap = valid.snapshot_at(now);
+        assert!(snap.ready);
+        let left = snap.seconds_to_expiry.unwrap();
+        assert!(left > 58.0 && left <= 60.0, "{left}");
+        assert_eq!(
+            respond(&valid, &Method::GET, "/readyz").status(),
+            StatusCode::OK
+        );
+
+        let expired = IdentityStatus::new(store_with_leaf(now - std::time::Duration::from_secs(5)));
+        let snap = expired.snapshot_at(now);
+        assert!(!snap.ready, "an expired certificate is not ready");
+        assert!(snap.seconds_to_expiry.unwrap() < -4.0);
+        assert_eq!(
+            respond(&expired, &Method::GET, "/readyz").status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        let text = render_metrics(&snap);
+        assert!(text.contains("\npalisade_identity_ready 0\n"), "{text}");
+    }
+
+    #[test]
+    fn routes() {
+        let status = IdentityStatus::new(Arc::new(CertStore::new()));
+        let code = |m: Method, p: &str| respond(&status, &m, p).status();
+        assert_eq!(code(Method::GET, "/healthz"), StatusCode::OK);
+        assert_eq!(
+            code(Method::GET, "/readyz"),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(
+            code(Method::HEAD, "/readyz"),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(code(Method::GET, "/metrics"), StatusCode::OK);
+        assert_eq!(code(Method::GET, "/nope"), StatusCode::NOT_FOUND);
+        assert_eq!(
+            code(Method::POST, "/healthz"),
+            StatusCode::METHOD_NOT_ALLOWED
+        );
+        let resp = respond(&status, &Method::GET, "/metrics");
+        assert_eq!(
+            resp.headers()[header::CONTENT_TYPE],
+            "text/plain; version=0.0.4; charset=utf-8"
+        );
+    }
+}
