@@ -6,12 +6,19 @@
 //!   renewal and the certificate store handshakes read from.
 //! - [`authn`]: JWT and API-key authentication (DESIGN §4, §6): verified
 //!   claims and client ids for the policy engine.
+//! - [`capture`]: transparent capture, the iptables rules `palisade-agent
+//!   init` installs (DESIGN §6).
 //! - [`admin`]: `/healthz`, `/readyz` and `/metrics` on the admin port (15020).
+//! - [`pipeline`]: the pure per-request header steps of the inbound path
+//!   (identity-header stripping, `x-request-id`, XFCC, deny responses,
+//!   deprecation headers); not yet wired into a listener.
 //! - [`ratelimit`]: `scope: global` rate limits in a shared Redis, and the
 //!   `RateLimit-*` / `Retry-After` response headers.
 
 pub mod admin;
 pub mod authn;
+pub mod capture;
 pub mod identity;
+pub mod pipeline;
 pub mod ratelimit;
 pub mod tls;

@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use palisade_agent::admin::{self, IdentityStatus};
+use palisade_agent::capture::{self, CaptureConfig, Iptables, Ipv4Cidr};
 use palisade_agent::identity::{
     CertStore, IdentityClient, IdentityClientConfig, RenewalConfig, Renewer, TokenSource,
 };
@@ -45,6 +46,52 @@ enum Command {
     /// Run N checks of one `scope: global` rate limit against a shared Redis and print
     /// `admitted=X denied=Y errors=Z` (proves limits are shared across agent processes).
     RatelimitProbe(ProbeArgs),
+    /// Install the transparent-capture iptables rules (nat table) in this network namespace:
+    /// inbound TCP to the inbound port, outbound TCP to the outbound port, except the agent's
+    /// own traffic (by UID), the admin port and excluded ports/CIDRs. Idempotent. Run as root
+    /// (an init container with NET_ADMIN).
+    Init(InitArgs),
+}
+
+#[derive(clap::Args)]
+struct InitArgs {
+    /// The agent's inbound listener port (inbound TCP is redirected there).
+    #[arg(long, default_value_t = 15006)]
+    inbound_port: u16,
+    /// The agent's outbound listener port (the app's outbound TCP is redirected there).
+    #[arg(long, default_value_t = 15001)]
+    outbound_port: u16,
+    /// UID the agent runs as; its traffic is never redirected.
+    #[arg(long, default_value_t = 2137)]
+    proxy_uid: u32,
+    /// The agent's admin port; never redirected inbound.
+    #[arg(long, default_value_t = 15020)]
+    admin_port: u16,
+    /// Inbound ports to capture, comma-separated; default: all (minus exclusions).
+    #[arg(long, value_delimiter = ',', value_name = "PORTS")]
+    include_inbound_ports: Option<Vec<u16>>,
+    /// Inbound ports left alone, comma-separated.
+    #[arg(long, value_delimiter = ',', value_name = "PORTS")]
+    exclude_inbound_ports: Vec<u16>,
+    /// Outbound destination ports left alone, comma-separated.
+    #[arg(long, value_delimiter = ',', value_name = "PORTS")]
+    exclude_outbound_ports: Vec<u16>,
+    /// Outbound destination IPv4 CIDRs left alone, comma-separated (a bare address is /32).
+    #[arg(long, value_delimiter = ',', value_name = "CIDRS")]
+    exclude_outbound_cidrs: Vec<Ipv4Cidr>,
+    /// The pod's IPv4 address: the app's connections to itself through it (over `lo`) are
+    /// captured. Without it, all traffic over `lo` is left alone.
+    #[arg(long)]
+    pod_ip: Option<std::net::Ipv4Addr>,
+    /// Print the iptables commands instead of running them.
+    #[arg(long)]
+    dry_run: bool,
+    /// Remove every chain and jump `init` installs (instead of installing).
+    #[arg(long)]
+    cleanup: bool,
+    /// The iptables binary.
+    #[arg(long, default_value = "iptables")]
+    iptables: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -141,6 +188,7 @@ fn main() -> anyhow::Result<()> {
                 .context("cannot start the async runtime")?
                 .block_on(identity(args))
         }
+        Command::Init(args) => init(args),
         Command::RatelimitProbe(args) => tokio::runtime::Runtime::new()
             .context("cannot start the async runtime")?
             .block_on(ratelimit_probe(args)),
@@ -171,6 +219,43 @@ async fn ratelimit_probe(args: ProbeArgs) -> anyhow::Result<()> {
         not_before_unix_ms: args.not_before_unix_ms,
     };
     println!("{}", run_probe(&config).await?);
+    Ok(())
+}
+
+fn init(args: InitArgs) -> anyhow::Result<()> {
+    let config = CaptureConfig {
+        inbound_port: args.inbound_port,
+        outbound_port: args.outbound_port,
+        proxy_uid: args.proxy_uid,
+        admin_port: args.admin_port,
+        exclude_inbound_ports: args.exclude_inbound_ports,
+        exclude_outbound_ports: args.exclude_outbound_ports,
+        exclude_outbound_cidrs: args.exclude_outbound_cidrs,
+        include_inbound_ports: args.include_inbound_ports,
+        pod_ip: args.pod_ip,
+    };
+    let steps = if args.cleanup {
+        capture::cleanup_plan()
+    } else {
+        capture::install_plan(&config)
+    };
+    if args.dry_run {
+        for step in &steps {
+            println!("{step}");
+        }
+        return Ok(());
+    }
+    let iptables = Iptables::new(&args.iptables);
+    iptables.check_available()?;
+    iptables.execute(&steps)?;
+    if args.cleanup {
+        println!("transparent capture removed");
+    } else {
+        println!(
+            "transparent capture installed: inbound -> {}, outbound -> {} (uid {} excluded)",
+            config.inbound_port, config.outbound_port, config.proxy_uid
+        );
+    }
     Ok(())
 }
 
