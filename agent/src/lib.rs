@@ -11,7 +11,9 @@
 //! - [`admin`]: `/healthz`, `/readyz` and `/metrics` on the admin port (15020).
 //! - [`pipeline`]: the pure per-request header steps of the inbound path
 //!   (identity-header stripping, `x-request-id`, XFCC, deny responses,
-//!   deprecation headers); not yet wired into a listener.
+//!   deprecation headers).
+//! - [`inbound`]: the inbound proxy in explicit mode (listen here, forward
+//!   there), running the pipeline and the policy engine per request.
 //! - [`ratelimit`]: `scope: global` rate limits in a shared Redis, and the
 //!   `RateLimit-*` / `Retry-After` response headers.
 
@@ -19,6 +21,7 @@ pub mod admin;
 pub mod authn;
 pub mod capture;
 pub mod identity;
+pub mod inbound;
 pub mod pipeline;
 pub mod ratelimit;
 pub mod tls;

@@ -51,6 +51,53 @@ enum Command {
     /// own traffic (by UID), the admin port and excluded ports/CIDRs. Idempotent. Run as root
     /// (an init container with NET_ADMIN).
     Init(InitArgs),
+    /// Run the inbound proxy in explicit mode: accept mTLS on --inbound's listen address,
+    /// enforce --policy-file and forward allowed requests to the app over plaintext HTTP/1.1.
+    Run(RunArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// LISTEN=APP, e.g. 127.0.0.1:8443=127.0.0.1:8080.
+    #[arg(long, value_parser = parse_inbound)]
+    inbound: (std::net::SocketAddr, std::net::SocketAddr),
+    /// Binary WorkloadPolicy (from `palisadectl policy compile`); without it every request is denied.
+    #[arg(long)]
+    policy_file: Option<PathBuf>,
+    /// PEM trust anchors peers (and the operator) must chain to.
+    #[arg(long, env = "PALISADE_TRUST_BUNDLE")]
+    trust_bundle: PathBuf,
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    /// Operator identity service, HOST:PORT (instead of --cert/--key).
+    #[arg(long, env = "PALISADE_OPERATOR", required_unless_present = "cert")]
+    operator: Option<String>,
+    /// Proof of identity for the operator.
+    #[arg(long, env = "PALISADE_TOKEN_FILE", requires = "operator")]
+    token_file: Option<PathBuf>,
+    /// SPIFFE ID the operator's certificate must carry.
+    #[arg(long)]
+    operator_id: Option<String>,
+    /// Local use and tests: PEM certificate chain (leaf first, SPIFFE ID SAN) instead of the operator.
+    #[arg(long, requires = "key", conflicts_with = "operator")]
+    cert: Option<PathBuf>,
+    /// PEM private key of --cert.
+    #[arg(long, requires = "cert")]
+    key: Option<PathBuf>,
+    /// Admin endpoint (/healthz, /readyz, /metrics), ADDR:PORT; '' disables it.
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:15020")]
+    admin: String,
+}
+
+fn parse_inbound(text: &str) -> Result<(std::net::SocketAddr, std::net::SocketAddr), String> {
+    let (listen, app) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?} is not LISTEN=APP"))?;
+    let parse = |a: &str| {
+        a.parse::<std::net::SocketAddr>()
+            .map_err(|e| format!("{a:?}: {e}"))
+    };
+    Ok((parse(listen)?, parse(app)?))
 }
 
 #[derive(clap::Args)]
@@ -189,6 +236,12 @@ fn main() -> anyhow::Result<()> {
                 .block_on(identity(args))
         }
         Command::Init(args) => init(args),
+        Command::Run(args) => {
+            init_tracing();
+            tokio::runtime::Runtime::new()
+                .context("cannot start the async runtime")?
+                .block_on(run(args))
+        }
         Command::RatelimitProbe(args) => tokio::runtime::Runtime::new()
             .context("cannot start the async runtime")?
             .block_on(ratelimit_probe(args)),
@@ -323,6 +376,104 @@ async fn identity(args: IdentityArgs) -> anyhow::Result<()> {
     }
     tokio::select! {
         () = renewer.run() => Ok(()),
+        signal = tokio::signal::ctrl_c() => {
+            signal.context("cannot listen for Ctrl-C")?;
+            tracing::info!("interrupted; exiting");
+            Ok(())
+        }
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    use palisade_agent::identity::IssuedCert;
+    use palisade_agent::inbound::{InboundConfig, InboundProxy, LoadedPolicy, SharedPolicy};
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+    let (listen, app) = args.inbound;
+    let admin_addr: Option<std::net::SocketAddr> = match args.admin.trim() {
+        "" => None,
+        a => Some(
+            a.parse()
+                .with_context(|| format!("--admin {a:?} is not ADDR:PORT"))?,
+        ),
+    };
+    let bundle = TrustBundle::from_pem_file(&args.trust_bundle)?;
+    let trust = MeshTrust::new(SharedTrustBundle::new(bundle), &args.trust_domain)?;
+    let policy = SharedPolicy::default();
+    match &args.policy_file {
+        Some(path) => {
+            let bytes =
+                std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+            let wire = WorkloadPolicy::decode(bytes.as_slice()).context("not a WorkloadPolicy")?;
+            let loaded = LoadedPolicy::load(wire, Default::default())
+                .context("policy cannot be enforced")?;
+            tracing::info!(version = loaded.engine.version(), "policy loaded");
+            policy.replace(loaded);
+        }
+        None => tracing::warn!("no --policy-file: every request is denied"),
+    }
+    let store = Arc::new(CertStore::new());
+    let renewer = match (&args.cert, &args.key) {
+        (Some(cert), Some(key)) => {
+            let chain = CertificateDer::pem_file_iter(cert)
+                .with_context(|| format!("cannot read {}", cert.display()))?
+                .collect::<Result<Vec<_>, _>>()
+                .with_context(|| format!("{} is not PEM certificates", cert.display()))?;
+            let key_der = PrivateKeyDer::from_pem_file(key)
+                .with_context(|| format!("cannot read a PEM key from {}", key.display()))?;
+            let signing = trust
+                .provider()
+                .key_provider
+                .load_private_key(key_der)
+                .context("unusable private key")?;
+            store.install(IssuedCert::new(chain, signing, &args.trust_domain)?);
+            None
+        }
+        _ => {
+            let (Some(operator), Some(token_file)) =
+                (args.operator.clone(), args.token_file.clone())
+            else {
+                anyhow::bail!("--operator and --token-file (or --cert and --key) are required");
+            };
+            let mut config = IdentityClientConfig::new(operator, TokenSource::File(token_file));
+            config.operator_id = args
+                .operator_id
+                .as_deref()
+                .map(SpiffeId::parse)
+                .transpose()
+                .context("--operator-id is not a workload SPIFFE ID")?;
+            let client = IdentityClient::new(config, trust.clone())?;
+            Some(Renewer::new(
+                client,
+                store.clone(),
+                RenewalConfig::default(),
+            ))
+        }
+    };
+    let status = Arc::new(IdentityStatus::new(store.clone()));
+    if let Some(renewer) = &renewer {
+        tokio::spawn(status.clone().track(renewer.subscribe()));
+    }
+    if let Some(addr) = admin_addr {
+        let listener = admin::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} (--admin)"))?;
+        tokio::spawn(admin::serve(listener, status));
+    }
+    let proxy = InboundProxy::bind(listen, InboundConfig::new(app, trust, store, policy))
+        .await
+        .with_context(|| format!("cannot listen on {listen} (--inbound)"))?;
+    tracing::info!(listen = %proxy.local_addr()?, %app, "inbound proxy listening");
+    let renew = async {
+        match renewer {
+            Some(r) => r.run().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        () = proxy.run() => Ok(()),
+        () = renew => Ok(()),
         signal = tokio::signal::ctrl_c() => {
             signal.context("cannot listen for Ctrl-C")?;
             tracing::info!("interrupted; exiting");

@@ -1,6 +1,6 @@
 //! The pure, per-request header steps of the inbound pipeline (DESIGN §6),
-//! one module per step. None of them does I/O; the listener that calls them
-//! in order is not wired yet (see `docs/pipeline.md`).
+//! one module per step. None of them does I/O; [`crate::inbound`] calls them
+//! in order (see `docs/pipeline.md`).
 //!
 //! Order on the inbound path, for the steps here:
 //!

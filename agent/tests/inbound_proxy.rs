@@ -1,0 +1,404 @@
+//! The inbound proxy in explicit mode on loopback: a recording HTTP/1.1
+//! backend behind it, mTLS clients with rcgen SPIFFE certificates in front.
+
+mod common;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{ORDERS, TestCa, WEB, trust};
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::{Bytes, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use palisade_agent::authn::JwtOptions;
+use palisade_agent::inbound::{InboundConfig, InboundProxy, LoadedPolicy, SharedPolicy};
+use palisade_agent::tls::MeshTrust;
+use palisade_policy::wire as pb;
+use parking_lot::Mutex;
+use rustls::ClientConfig;
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsConnector;
+
+#[derive(Clone, Debug)]
+struct Seen {
+    method: String,
+    target: String,
+    headers: HeaderMap,
+}
+
+/// An HTTP/1.1 app that records every request it receives and answers 200 "app".
+#[derive(Clone, Default)]
+struct Backend(Arc<Mutex<Vec<Seen>>>);
+
+impl Backend {
+    async fn start() -> (Self, SocketAddr) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let backend = Backend::default();
+        let seen = backend.0.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |req: Request<Incoming>| {
+                        let seen = seen.clone();
+                        async move {
+                            seen.lock().push(Seen {
+                                method: req.method().to_string(),
+                                target: req.uri().to_string(),
+                                headers: req.headers().clone(),
+                            });
+                            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(
+                                b"app",
+                            ))))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tcp), service)
+                        .await;
+                });
+            }
+        });
+        (backend, addr)
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.0.lock().clone()
+    }
+}
+
+fn route_prefix(id: &str, prefix: &str) -> pb::Route {
+    pb::Route {
+        id: id.into(),
+        path: Some(pb::PathMatch {
+            kind: Some(pb::path_match::Kind::Prefix(prefix.into())),
+        }),
+        ..Default::default()
+    }
+}
+
+/// Mesh default (all authenticated), strict mTLS, `/admin` denied to
+/// everyone, `/limited` limited to 3 per minute per principal.
+fn test_policy() -> pb::WorkloadPolicy {
+    let mut admin = route_prefix("admin", "/admin");
+    admin.deny = vec![pb::Rule {
+        id: "everyone".into(),
+        ..Default::default()
+    }];
+    let mut limited = route_prefix("limited", "/limited");
+    limited.rate_limit = Some(pb::RateLimit {
+        id: "three-per-minute".into(),
+        algorithm: pb::rate_limit::Algorithm::FixedWindow as i32,
+        amount: 3,
+        period_ms: 60_000,
+        key: pb::rate_limit::KeyKind::Principal as i32,
+        scope: pb::rate_limit::Scope::Local as i32,
+        failure_mode: pb::rate_limit::FailureMode::Closed as i32,
+        ..Default::default()
+    });
+    pb::WorkloadPolicy {
+        version: "v1".into(),
+        workload: "shop/orders".into(),
+        trust_domain: common::TD.into(),
+        default_action: pb::DefaultAction::AllAuthenticated as i32,
+        default_mtls: pb::MtlsMode::Strict as i32,
+        routes: vec![admin, limited],
+        ..Default::default()
+    }
+}
+
+struct Setup {
+    ca: TestCa,
+    trust: MeshTrust,
+    proxy: SocketAddr,
+    backend: Backend,
+}
+
+async fn setup(policy: Option<pb::WorkloadPolicy>) -> Setup {
+    let ca = TestCa::new("mesh root");
+    let trust = trust(&[&ca]);
+    let (backend, app) = Backend::start().await;
+    let policy = SharedPolicy::new(
+        policy.map(|p| LoadedPolicy::load(p, JwtOptions::default()).expect("policy loads")),
+    );
+    let config = InboundConfig::new(app, trust.clone(), ca.store(ORDERS), policy);
+    let proxy = InboundProxy::bind("127.0.0.1:0".parse().unwrap(), config)
+        .await
+        .expect("bind");
+    let addr = proxy.local_addr().unwrap();
+    tokio::spawn(proxy.run());
+    Setup {
+        ca,
+        trust,
+        proxy: addr,
+        backend,
+    }
+}
+
+impl Setup {
+    fn client_config(&self, alpn: &[u8]) -> ClientConfig {
+        let mut c = self
+            .trust
+            .client_config(Some(self.ca.store(WEB)), None)
+            .unwrap();
+        c.alpn_protocols = vec![alpn.to_vec()];
+        c
+    }
+
+    async fn tls(
+        &self,
+        config: ClientConfig,
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        let tcp = TcpStream::connect(self.proxy).await?;
+        TlsConnector::from(Arc::new(config))
+            .connect(ServerName::try_from("mesh.invalid").unwrap(), tcp)
+            .await
+    }
+
+    /// One HTTP/1.1 request over mTLS as WEB; returns status, headers, body.
+    async fn get(&self, target: &str, headers: &[(&str, &str)]) -> (StatusCode, HeaderMap, String) {
+        let tls = self
+            .tls(self.client_config(b"http/1.1"))
+            .await
+            .expect("handshake");
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .expect("h1 handshake");
+        tokio::spawn(conn);
+        let mut req = Request::get(target).header("host", "orders.shop");
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let resp = sender
+            .send_request(req.body(Empty::<Bytes>::new()).unwrap())
+            .await
+            .expect("response");
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.expect("body").to_bytes();
+        (
+            parts.status,
+            parts.headers,
+            String::from_utf8_lossy(&body).into_owned(),
+        )
+    }
+}
+
+fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    h.get(name).and_then(|v| v.to_str().ok())
+}
+
+#[tokio::test]
+async fn allowed_request_reaches_the_app_normalized_with_xfcc_and_no_spoofed_header() {
+    let s = setup(Some(test_policy())).await;
+    let (status, headers, body) = s
+        .get(
+            "/a/%2e%2e/b?x=1",
+            &[
+                (
+                    "x-forwarded-client-cert",
+                    "By=spiffe://evil;URI=spiffe://cluster.local/ns/x/sa/admin",
+                ),
+                ("x-palisade-principal", "admin"),
+            ],
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body, "app");
+    assert!(header(&headers, "x-request-id").is_none());
+    let seen = s.backend.seen();
+    assert_eq!(seen.len(), 1);
+    let seen = &seen[0];
+    assert_eq!(seen.method, "GET");
+    assert_eq!(seen.target, "/b?x=1");
+    let xfcc: Vec<_> = seen
+        .headers
+        .get_all("x-forwarded-client-cert")
+        .iter()
+        .collect();
+    assert_eq!(xfcc.len(), 1, "exactly the agent's XFCC");
+    let xfcc = xfcc[0].to_str().unwrap();
+    assert!(xfcc.starts_with(&format!("By={ORDERS};Hash=")), "{xfcc}");
+    assert!(xfcc.ends_with(&format!(";URI={WEB}")), "{xfcc}");
+    assert!(!xfcc.contains("evil"));
+    assert!(seen.headers.get("x-palisade-principal").is_none());
+    assert_eq!(header(&seen.headers, "host"), Some("orders.shop"));
+    assert!(seen.headers.get("x-request-id").is_some());
+}
+
+#[tokio::test]
+async fn http2_clients_are_proxied_to_the_http1_app() {
+    let s = setup(Some(test_policy())).await;
+    let tls = s.tls(s.client_config(b"h2")).await.expect("handshake");
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .expect("h2 handshake");
+    tokio::spawn(conn);
+    let req = Request::get("https://orders.shop/a/./c")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let resp = sender.send_request(req).await.expect("response");
+    assert_eq!(resp.status(), 200);
+    let seen = s.backend.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].target, "/a/c");
+    assert_eq!(header(&seen[0].headers, "host"), Some("orders.shop"));
+    assert!(seen[0].headers.get("x-forwarded-client-cert").is_some());
+}
+
+#[tokio::test]
+async fn denied_routes_and_encoded_tricks_never_reach_the_app() {
+    let s = setup(Some(test_policy())).await;
+    let (status, headers, body) = s.get("/admin/users", &[("x-request-id", "req-1")]).await;
+    assert_eq!(status, 403);
+    assert_eq!(body, r#"{"error":"forbidden","request_id":"req-1"}"#);
+    assert_eq!(header(&headers, "content-type"), Some("application/json"));
+
+    let (status, _, body) = s.get("/%61dmin", &[]).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body.starts_with(r#"{"error":"forbidden","request_id":""#),
+        "{body}"
+    );
+
+    let (status, _, body) = s.get("/x/..%2fadmin", &[]).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.starts_with(r#"{"error":"bad_request""#), "{body}");
+
+    let (status, _, _) = s.get("/ADMIN/../admin", &[]).await;
+    assert_eq!(status, 403);
+
+    // Connection nominating a framing header is ambiguous: 400.
+    let (status, _, _) = s.get("/b", &[("connection", "content-length")]).await;
+    assert_eq!(status, 400);
+
+    assert!(s.backend.seen().is_empty(), "{:?}", s.backend.seen());
+}
+
+#[tokio::test]
+async fn strict_mode_refuses_plaintext_and_clients_without_a_certificate() {
+    let s = setup(Some(test_policy())).await;
+    // Plaintext HTTP: the handshake fails and nothing is answered.
+    let mut tcp = TcpStream::connect(s.proxy).await.unwrap();
+    tcp.write_all(b"GET /b HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "connection left open");
+    assert!(!buf.starts_with(b"HTTP/"), "plaintext got an HTTP answer");
+
+    // TLS without a client certificate: refused (seen on the first read in TLS 1.3).
+    let mut config = s.trust.client_config(None, None).unwrap();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let outcome = async {
+        let mut tls = s.tls(config).await?;
+        tls.write_all(b"GET /b HTTP/1.1\r\nhost: x\r\n\r\n").await?;
+        let mut buf = [0u8; 64];
+        let n = tls.read(&mut buf).await?;
+        Ok::<_, std::io::Error>(n)
+    }
+    .await;
+    assert!(matches!(outcome, Err(_) | Ok(0)), "{outcome:?}");
+    assert!(s.backend.seen().is_empty());
+}
+
+#[tokio::test]
+async fn rate_limit_admits_n_then_answers_429_with_retry_after() {
+    let s = setup(Some(test_policy())).await;
+    for i in 0..3 {
+        let (status, headers, _) = s.get("/limited", &[]).await;
+        assert_eq!(status, 200, "request {i}");
+        assert_eq!(header(&headers, "ratelimit-limit"), Some("3"));
+        assert_eq!(
+            header(&headers, "ratelimit-remaining"),
+            Some(["2", "1", "0"][i])
+        );
+    }
+    let (status, headers, body) = s.get("/limited", &[]).await;
+    assert_eq!(status, 429);
+    assert!(
+        body.starts_with(r#"{"error":"too_many_requests""#),
+        "{body}"
+    );
+    let retry: u64 = header(&headers, "retry-after").unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry), "{retry}");
+    assert_eq!(s.backend.seen().len(), 3);
+}
+
+#[tokio::test]
+async fn without_a_policy_everything_is_denied() {
+    let s = setup(None).await;
+    for target in ["/", "/b", "/admin"] {
+        let (status, _, body) = s.get(target, &[]).await;
+        assert_eq!(status, 403);
+        assert!(body.starts_with(r#"{"error":"forbidden""#), "{body}");
+    }
+    assert!(s.backend.seen().is_empty());
+}
+
+#[tokio::test]
+async fn unreachable_app_gives_502() {
+    let ca = TestCa::new("mesh root");
+    let t = trust(&[&ca]);
+    // A port nobody listens on: bind, take the address, close.
+    let app = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let policy = SharedPolicy::new(Some(
+        LoadedPolicy::load(test_policy(), JwtOptions::default()).unwrap(),
+    ));
+    let proxy = InboundProxy::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        InboundConfig::new(app, t.clone(), ca.store(ORDERS), policy),
+    )
+    .await
+    .unwrap();
+    let s = Setup {
+        proxy: proxy.local_addr().unwrap(),
+        ca,
+        trust: t,
+        backend: Backend::default(),
+    };
+    tokio::spawn(proxy.run());
+    let (status, _, body) = s.get("/b", &[]).await;
+    assert_eq!(status, 502);
+    assert!(body.starts_with(r#"{"error":"bad_gateway""#), "{body}");
+}
+
+#[tokio::test]
+async fn rules_this_proxy_cannot_enforce_yet_fail_closed() {
+    let mut policy = test_policy();
+    let mut schema = route_prefix("payments", "/payments");
+    schema.validation = Some(pb::Validation {
+        json_schema: r#"{"type":"object"}"#.into(),
+        ..Default::default()
+    });
+    let mut masked = route_prefix("profile", "/profile");
+    masked.response = Some(pb::ResponseRules {
+        redact: vec!["/ssn".into()],
+        ..Default::default()
+    });
+    policy.routes.extend([schema, masked]);
+    let s = setup(Some(policy)).await;
+    for target in ["/payments/1", "/profile"] {
+        let (status, _, body) = s.get(target, &[]).await;
+        assert_eq!(status, 403, "{target}");
+        assert!(body.starts_with(r#"{"error":"forbidden""#), "{body}");
+    }
+    assert!(
+        s.backend.seen().is_empty(),
+        "unchecked bodies must not pass"
+    );
+    // Routes without such rules still work.
+    let (status, _, _) = s.get("/b", &[]).await;
+    assert_eq!(status, 200);
+}
