@@ -18,10 +18,12 @@
 //!   `RateLimit-*` / `Retry-After` response headers.
 
 pub mod admin;
+pub mod audit;
 pub mod authn;
 pub mod capture;
 pub mod identity;
 pub mod inbound;
+pub mod orig_dst;
 pub mod pipeline;
 pub mod ratelimit;
 pub mod tls;

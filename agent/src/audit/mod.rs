@@ -1,0 +1,118 @@
+//! Audit events (DESIGN §7): one record per decision, never a secret or a
+//! body. Denials are always recorded; allowed requests are sampled per the
+//! policy's `audit.samplePercent`. Events are written as structured log
+//! records on the `palisade::audit` target (one JSON object per line with
+//! `RUST_LOG_FORMAT=json`); streaming them to the collector is the audit
+//! pipeline's job.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+/// The `tracing` target audit records are written under, so they can be
+/// filtered (`RUST_LOG=palisade::audit=info`) or shipped separately.
+pub const TARGET: &str = "palisade::audit";
+
+/// One decision, borrowed from the request it describes.
+#[derive(Debug, Default)]
+pub struct AuditEvent<'a> {
+    pub request_id: &'a str,
+    /// The W3C trace id from `traceparent`, when the request carried one.
+    pub trace_id: Option<&'a str>,
+    pub source_identity: Option<&'a str>,
+    pub source_ip: Option<IpAddr>,
+    pub destination_workload: &'a str,
+    pub policy_version: &'a str,
+    pub route: Option<&'a str>,
+    pub method: &'a str,
+    /// The normalized path (never the query: it may carry secrets).
+    pub path: Option<&'a str>,
+    pub allowed: bool,
+    /// The stable reason code (`authz.allowed`, `ratelimit.exceeded`, …).
+    pub reason: &'a str,
+    /// The rule, limit or filter that decided.
+    pub rule: Option<&'a str>,
+    pub status: u16,
+    pub latency: Duration,
+    /// `remaining/limit` of the rate limit that applied.
+    pub rate_limit: Option<(u64, u64)>,
+    pub jwt_subject: Option<&'a str>,
+    pub api_key_client: Option<&'a str>,
+    /// What audit-mode policies would have decided, when they differ.
+    pub shadow_reason: Option<&'a str>,
+}
+
+impl AuditEvent<'_> {
+    /// Writes the event if it is to be recorded: always for a denial, for
+    /// an allowed request with probability `sample_percent`/100.
+    pub fn record(&self, sample_percent: u32) {
+        if self.allowed && !sampled(sample_percent) {
+            return;
+        }
+        let (remaining, limit) = self.rate_limit.unzip();
+        tracing::info!(
+            target: TARGET,
+            request_id = self.request_id,
+            trace_id = self.trace_id,
+            source_identity = self.source_identity,
+            source_ip = self.source_ip.map(tracing::field::display),
+            destination = self.destination_workload,
+            policy_version = self.policy_version,
+            route = self.route,
+            method = self.method,
+            path = self.path,
+            decision = if self.allowed { "allow" } else { "deny" },
+            reason = self.reason,
+            rule = self.rule,
+            status = self.status,
+            latency_us = u64::try_from(self.latency.as_micros()).unwrap_or(u64::MAX),
+            ratelimit_remaining = remaining,
+            ratelimit_limit = limit,
+            jwt_subject = self.jwt_subject,
+            api_key_client = self.api_key_client,
+            shadow_reason = self.shadow_reason,
+            "audit"
+        );
+    }
+}
+
+fn sampled(percent: u32) -> bool {
+    match percent {
+        0 => false,
+        p if p >= 100 => true,
+        p => rand::random_range(0..100) < p,
+    }
+}
+
+/// The trace id of a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`);
+/// `None` when absent or malformed.
+pub fn trace_id(traceparent: Option<&str>) -> Option<&str> {
+    let mut parts = traceparent?.split('-');
+    let (_version, id) = (parts.next()?, parts.next()?);
+    (id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()) && id != "0".repeat(32))
+        .then_some(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trace_id_comes_only_from_a_well_formed_traceparent() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert_eq!(trace_id(Some(tp)), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
+        assert_eq!(trace_id(Some("00-xyz-00f067aa0ba902b7-01")), None);
+        assert_eq!(
+            trace_id(Some(
+                "00-00000000000000000000000000000000-00f067aa0ba902b7-01"
+            )),
+            None
+        );
+        assert_eq!(trace_id(None), None);
+    }
+
+    #[test]
+    fn sampling_bounds() {
+        assert!((0..1000).all(|_| sampled(100)));
+        assert!((0..1000).all(|_| !sampled(0)));
+    }
+}
