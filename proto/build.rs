@@ -10,6 +10,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={f}");
     }
     let fds = protox::compile(files, ["proto"])?;
-    tonic_prost_build::configure().compile_fds(fds)?;
+    // The compiled policy serializes to JSON for the agent's /config_dump
+    // (secrets are hashed before they reach this form, and redacted there).
+    tonic_prost_build::configure()
+        .message_attribute(".palisade.policy.v1", "#[derive(serde::Serialize)]")
+        .enum_attribute(".palisade.policy.v1", "#[derive(serde::Serialize)]")
+        .compile_fds(fds)?;
     Ok(())
 }

@@ -4,6 +4,12 @@
 //! - `/healthz`: 200 while the process runs.
 //! - `/readyz`: 200 while a certificate is installed and not expired, else 503.
 //! - `/metrics`: Prometheus text format (version 0.0.4), written by hand.
+//! - `/config_dump`: what the agent enforces, as JSON, secrets redacted
+//!   ([`config_dump`]).
+//!
+//! [`AdminState`] adds to the identity state: draining (SIGTERM turns
+//! `/readyz` to 503), whether a policy is required for readiness, and the
+//! other components' metrics.
 //!
 //! Everything is read from the [`CertStore`] (readiness, expiry) and from the
 //! renewal loop's [`RenewalEvent`]s, counted by [`IdentityStatus::track`].
@@ -16,7 +22,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use http::{Method, Request, Response, StatusCode, header};
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper_util::rt::TokioIo;
@@ -24,6 +30,138 @@ use tokio::net::TcpListener;
 use tokio::sync::broadcast;
 
 use crate::identity::{CertStore, RenewalEvent};
+use crate::inbound::SharedPolicy;
+
+pub mod config_dump;
+
+/// A component that adds samples to `/metrics`.
+pub trait PrometheusSource: Send + Sync {
+    fn render_prometheus(&self, out: &mut String);
+}
+
+impl PrometheusSource for crate::ratelimit::RateLimitMetrics {
+    fn render_prometheus(&self, out: &mut String) {
+        crate::ratelimit::RateLimitMetrics::render_prometheus(self, out);
+    }
+}
+
+/// Everything the admin endpoint of `palisade-agent run` reports.
+pub struct AdminState {
+    identity: Arc<IdentityStatus>,
+    draining: std::sync::atomic::AtomicBool,
+    pub(crate) policy: Option<SharedPolicy>,
+    /// `/readyz` also waits for the first policy (a policy source is set).
+    require_policy: bool,
+    sources: Vec<Arc<dyn PrometheusSource>>,
+    /// Static facts for `/config_dump` (listeners, mode, policy source).
+    pub(crate) runtime: serde_json::Value,
+}
+
+impl std::fmt::Debug for AdminState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminState")
+            .field("identity", &self.identity)
+            .field("require_policy", &self.require_policy)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AdminState {
+    pub fn new(identity: Arc<IdentityStatus>) -> Self {
+        Self {
+            identity,
+            draining: std::sync::atomic::AtomicBool::new(false),
+            policy: None,
+            require_policy: false,
+            sources: Vec::new(),
+            runtime: serde_json::Value::Null,
+        }
+    }
+
+    /// Reports `policy` in `/config_dump` and `/metrics`; with `required`,
+    /// `/readyz` is 503 until a policy is loaded (the proxy denies everything
+    /// before that, so the pod should not receive traffic yet).
+    pub fn with_policy(mut self, policy: SharedPolicy, required: bool) -> Self {
+        self.policy = Some(policy);
+        self.require_policy = required;
+        self
+    }
+
+    pub fn with_metrics(mut self, source: Arc<dyn PrometheusSource>) -> Self {
+        self.sources.push(source);
+        self
+    }
+
+    /// Static facts shown under `runtime` in `/config_dump`.
+    pub fn with_runtime(mut self, runtime: serde_json::Value) -> Self {
+        self.runtime = runtime;
+        self
+    }
+
+    pub fn identity(&self) -> &Arc<IdentityStatus> {
+        &self.identity
+    }
+
+    /// Graceful shutdown began: `/readyz` answers 503 from now on.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// `None` when ready, else why not.
+    pub fn not_ready_reason(&self) -> Option<&'static str> {
+        let snap = self.identity.snapshot();
+        if self.is_draining() {
+            Some("shutting down\n")
+        } else if !snap.ready {
+            Some(match snap.seconds_to_expiry {
+                None => "no workload certificate yet\n",
+                Some(_) => "the workload certificate has expired\n",
+            })
+        } else if self.require_policy && self.policy.as_ref().is_none_or(|p| p.current().is_none())
+        {
+            Some("no policy yet\n")
+        } else {
+            None
+        }
+    }
+
+    fn render_metrics(&self) -> String {
+        let mut out = render_metrics(&self.identity.snapshot());
+        let ready = u8::from(self.not_ready_reason().is_none());
+        let _ = writeln!(
+            out,
+            "# HELP palisade_agent_ready 1 while /readyz answers 200.\n# TYPE palisade_agent_ready gauge\npalisade_agent_ready {ready}"
+        );
+        if let Some(policy) = &self.policy {
+            let _ = writeln!(
+                out,
+                "# HELP palisade_agent_policy_info The policy version enforced (value 1).\n# TYPE palisade_agent_policy_info gauge"
+            );
+            if let Some(p) = policy.current() {
+                let _ = writeln!(
+                    out,
+                    "palisade_agent_policy_info{{version=\"{}\"}} 1",
+                    escape_label(p.engine.version())
+                );
+            }
+        }
+        for source in &self.sources {
+            source.render_prometheus(&mut out);
+        }
+        out
+    }
+}
+
+/// A Prometheus label value: backslash, quote and newline escaped.
+fn escape_label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
 
 /// The identity state the admin endpoint reports: the store handshakes read
 /// from, and counters of the renewal loop's outcomes.
@@ -167,47 +305,56 @@ fn format_float(v: f64) -> String {
 
 pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-/// Answers one admin request.
+/// Answers one admin request from the identity state alone (the
+/// `identity` subcommand: no policy, no draining).
 pub fn respond(status: &IdentityStatus, method: &Method, path: &str) -> Response<Full<Bytes>> {
+    let snap = status.snapshot();
+    let not_ready = (!snap.ready).then_some(match snap.seconds_to_expiry {
+        None => "no workload certificate yet\n",
+        Some(_) => "the workload certificate has expired\n",
+    });
+    answer(method, path, not_ready, || render_metrics(&snap), || None)
+}
+
+/// Answers one admin request of `palisade-agent run`.
+pub fn respond_state(state: &AdminState, method: &Method, path: &str) -> Response<Full<Bytes>> {
+    answer(
+        method,
+        path,
+        state.not_ready_reason(),
+        || state.render_metrics(),
+        || Some(config_dump::render(state)),
+    )
+}
+
+fn answer(
+    method: &Method,
+    path: &str,
+    not_ready: Option<&'static str>,
+    metrics: impl FnOnce() -> String,
+    dump: impl FnOnce() -> Option<String>,
+) -> Response<Full<Bytes>> {
+    const TEXT: &str = "text/plain; charset=utf-8";
+    let not_found = || (StatusCode::NOT_FOUND, TEXT, "not found\n".to_owned());
     let (code, content_type, body) = if method != Method::GET && method != Method::HEAD {
         (
             StatusCode::METHOD_NOT_ALLOWED,
-            "text/plain; charset=utf-8",
+            TEXT,
             "method not allowed\n".to_owned(),
         )
     } else {
         match path {
-            "/healthz" => (StatusCode::OK, "text/plain; charset=utf-8", "ok\n".into()),
-            "/readyz" => {
-                let snap = status.snapshot();
-                if snap.ready {
-                    (
-                        StatusCode::OK,
-                        "text/plain; charset=utf-8",
-                        "ready\n".into(),
-                    )
-                } else {
-                    let why = match snap.seconds_to_expiry {
-                        None => "no workload certificate yet\n",
-                        Some(_) => "the workload certificate has expired\n",
-                    };
-                    (
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "text/plain; charset=utf-8",
-                        why.into(),
-                    )
-                }
-            }
-            "/metrics" => (
-                StatusCode::OK,
-                METRICS_CONTENT_TYPE,
-                render_metrics(&status.snapshot()),
-            ),
-            _ => (
-                StatusCode::NOT_FOUND,
-                "text/plain; charset=utf-8",
-                "not found\n".into(),
-            ),
+            "/healthz" => (StatusCode::OK, TEXT, "ok\n".into()),
+            "/readyz" => match not_ready {
+                None => (StatusCode::OK, TEXT, "ready\n".into()),
+                Some(why) => (StatusCode::SERVICE_UNAVAILABLE, TEXT, why.into()),
+            },
+            "/metrics" => (StatusCode::OK, METRICS_CONTENT_TYPE, metrics()),
+            "/config_dump" => match dump() {
+                Some(json) => (StatusCode::OK, "application/json", json),
+                None => not_found(),
+            },
+            _ => not_found(),
         }
     };
     let len = body.len();
@@ -219,7 +366,7 @@ pub fn respond(status: &IdentityStatus, method: &Method, path: &str) -> Response
     let mut resp = Response::new(Full::new(body));
     *resp.status_mut() = code;
     let headers = resp.headers_mut();
-    headers.insert(header::CONTENT_TYPE, content_type.parse().expect("static"));
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     headers.insert(header::CONTENT_LENGTH, len.into());
     resp
 }
@@ -229,8 +376,22 @@ pub async fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
-/// Serves HTTP/1.1 on `listener` until the task is dropped.
+/// Serves HTTP/1.1 on `listener` until the task is dropped, from the
+/// identity state alone.
 pub async fn serve(listener: TcpListener, status: Arc<IdentityStatus>) {
+    serve_with(listener, move |m, p| respond(&status, m, p)).await;
+}
+
+/// Serves the admin endpoint of `palisade-agent run` until the task is dropped.
+pub async fn serve_state(listener: TcpListener, state: Arc<AdminState>) {
+    serve_with(listener, move |m, p| respond_state(&state, m, p)).await;
+}
+
+async fn serve_with<F>(listener: TcpListener, respond: F)
+where
+    F: Fn(&Method, &str) -> Response<Full<Bytes>> + Send + Sync + 'static,
+{
+    let respond = Arc::new(respond);
     loop {
         let tcp = match listener.accept().await {
             Ok((tcp, _)) => tcp,
@@ -241,10 +402,10 @@ pub async fn serve(listener: TcpListener, status: Arc<IdentityStatus>) {
                 continue;
             }
         };
-        let status = status.clone();
+        let respond = respond.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let resp = respond(&status, req.method(), req.uri().path());
+                let resp = respond(req.method(), req.uri().path());
                 async move { Ok::<_, Infallible>(resp) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
