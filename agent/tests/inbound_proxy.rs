@@ -233,7 +233,28 @@ async fn allowed_request_reaches_the_app_normalized_with_xfcc_and_no_spoofed_hea
 
 #[tokio::test]
 async fn http2_clients_are_proxied_to_the_http1_app() {
-    let s = setup(Some(test_policy())).await;
+    // HTTP/2 clients reach an app as HTTP/2 (h2c) by default; this app only
+    // speaks HTTP/1.1, so its port is configured `http1`.
+    let ca = TestCa::new("mesh root");
+    let t = trust(&[&ca]);
+    let (backend, app) = Backend::start().await;
+    let policy = SharedPolicy::new(Some(
+        LoadedPolicy::load(test_policy(), JwtOptions::default()).unwrap(),
+    ));
+    let mut config = InboundConfig::new(app, t.clone(), ca.store(ORDERS), policy);
+    config
+        .app_protocols
+        .insert(app.port(), palisade_agent::inbound::AppProtocol::Http1);
+    let proxy = InboundProxy::bind("127.0.0.1:0".parse().unwrap(), config)
+        .await
+        .unwrap();
+    let s = Setup {
+        proxy: proxy.local_addr().unwrap(),
+        ca,
+        trust: t,
+        backend,
+    };
+    tokio::spawn(proxy.run());
     let tls = s.tls(s.client_config(b"h2")).await.expect("handshake");
     let (mut sender, conn) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
@@ -375,7 +396,9 @@ async fn unreachable_app_gives_502() {
 }
 
 #[tokio::test]
-async fn rules_this_proxy_cannot_enforce_yet_fail_closed() {
+async fn body_rules_are_enforced_per_request_not_refused_wholesale() {
+    // Formerly refused with 403 as unenforceable; the body steps are covered
+    // in depth by inbound_body.rs. Here: the routes now serve requests.
     let mut policy = test_policy();
     let mut schema = route_prefix("payments", "/payments");
     schema.validation = Some(pb::Validation {
@@ -389,15 +412,30 @@ async fn rules_this_proxy_cannot_enforce_yet_fail_closed() {
     });
     policy.routes.extend([schema, masked]);
     let s = setup(Some(policy)).await;
-    for target in ["/payments/1", "/profile"] {
-        let (status, _, body) = s.get(target, &[]).await;
-        assert_eq!(status, 403, "{target}");
-        assert!(body.starts_with(r#"{"error":"forbidden""#), "{body}");
-    }
-    assert!(
-        s.backend.seen().is_empty(),
-        "unchecked bodies must not pass"
+
+    // A read without a body on a schema route has nothing to validate.
+    let (status, _, body) = s.get("/payments/1", &[]).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body, "app");
+
+    // The app answers "app" without a Content-Type on a masked route: a
+    // client could sniff it as JSON, and it is not JSON the agent can
+    // inspect, so it is withheld (fail closed).
+    let (status, _, body) = s.get("/profile", &[("accept-encoding", "gzip")]).await;
+    assert_eq!(status, 502);
+    assert!(body.starts_with(r#"{"error":"bad_gateway""#), "{body}");
+
+    let seen = s.backend.seen();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_eq!(seen[0].target, "/payments/1");
+    assert_eq!(seen[1].target, "/profile");
+    // The masked route asked the app for an unencoded body.
+    assert_eq!(
+        header(&seen[1].headers, "accept-encoding"),
+        Some("identity")
     );
+    assert_eq!(header(&seen[0].headers, "accept-encoding"), None);
+
     // Routes without such rules still work.
     let (status, _, _) = s.get("/b", &[]).await;
     assert_eq!(status, 200);

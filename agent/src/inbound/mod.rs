@@ -5,39 +5,64 @@
 //! to the app.
 //!
 //! The steps live one per module:
-//! - this file: accept → TLS (strict or permissive per port) → serve;
+//! - this file: accept (connection limit) → TLS (strict or permissive per
+//!   port) → serve HTTP/1 or HTTP/2 with hyper's limits, graceful drain;
+//! - [`detect`]: HTTP/1, HTTP/2 or opaque, from ALPN or the first bytes;
+//! - [`limits`]: the limits, and the HTTP/1 framing guard (smuggling);
 //! - [`request`]: strip → request id → authenticate → decide → global rate
 //!   limits → forward → response headers → audit;
-//! - [`forward`]: the connection to the app.
+//! - [`forward`]: the pooled connections to the app;
+//! - [`upgrade`]: joining upgraded (WebSocket) connections;
+//! - [`tcp`]: opaque TCP, identity-level authorization only.
 //!
 //! Never panics on peer input: every failure becomes a logged connection
 //! close or a fixed deny body.
 
+pub mod body;
+pub mod detect;
 pub mod forward;
+pub mod limits;
 pub mod policy;
 pub mod request;
+pub mod tcp;
+pub mod upgrade;
 
+use std::collections::HashMap;
 use std::convert::Infallible;
+use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use http::header::{CONNECTION, HeaderValue, UPGRADE};
+use http::{Method, Request, Response, Version};
+use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use palisade_policy::identity::SpiffeId;
 use palisade_policy::wire;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
 use crate::identity::CertStore;
+use crate::pipeline::deny::{Denied, deny_response, grpc_deny, is_grpc};
+use crate::pipeline::request_id::ensure_request_id;
 use crate::ratelimit::GlobalRateLimiter;
 use crate::tls::{MeshTrust, MtlsMode, TlsConfigError, peer_identity};
 
+pub use detect::{Detected, PortProtocol};
+pub use forward::{AppProtocol, PoolConfig};
+pub use limits::Limits;
 pub use policy::{LoadedPolicy, SharedPolicy};
 pub use request::ProxyBody;
+
+use limits::{H1Guard, HeadVerdict, HeadVerdicts};
 
 /// The first byte of a TLS record carrying a handshake.
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
@@ -68,6 +93,21 @@ pub struct InboundConfig {
     pub handshake_timeout: Duration,
     /// Longest connecting to the app may take before answering 502.
     pub app_connect_timeout: Duration,
+    /// How traffic on each app port is treated; ports not listed are
+    /// [`PortProtocol::Auto`] (`--opaque-ports` sets `Opaque`).
+    pub port_protocols: HashMap<u16, PortProtocol>,
+    /// What the app is spoken to with, per app port; ports not listed are
+    /// [`AppProtocol::Preserve`] (`--app-protocol PORT=http1`).
+    pub app_protocols: HashMap<u16, AppProtocol>,
+    /// On an `auto` port, how long to wait for the client's first bytes
+    /// before treating the connection as a server-first (opaque) protocol.
+    pub detect_timeout: Duration,
+    /// Header, stream and connection limits.
+    pub limits: Limits,
+    /// On shutdown, how long in-flight requests may take to finish.
+    pub drain_timeout: Duration,
+    /// Pooled connections to the app.
+    pub app_pool: PoolConfig,
 }
 
 impl InboundConfig {
@@ -85,7 +125,23 @@ impl InboundConfig {
             global_limits: None,
             handshake_timeout: Duration::from_secs(10),
             app_connect_timeout: Duration::from_secs(5),
+            port_protocols: HashMap::new(),
+            app_protocols: HashMap::new(),
+            detect_timeout: Duration::from_secs(1),
+            limits: Limits::default(),
+            drain_timeout: Duration::from_secs(20),
+            app_pool: PoolConfig::default(),
         }
+    }
+
+    /// How traffic on an app port is treated.
+    pub fn port_protocol(&self, port: u16) -> PortProtocol {
+        self.port_protocols.get(&port).copied().unwrap_or_default()
+    }
+
+    /// What an app port is spoken to with.
+    pub fn app_protocol(&self, port: u16) -> AppProtocol {
+        self.app_protocols.get(&port).copied().unwrap_or_default()
     }
 }
 
@@ -100,6 +156,42 @@ pub(crate) struct Shared {
     strict: TlsAcceptor,
     permissive: TlsAcceptor,
     pub(crate) started: Instant,
+    forwarder: forward::Forwarder,
+    h1: http1::Builder,
+    h2: http2::Builder<TokioExecutor>,
+    stats: ConnectionStats,
+}
+
+impl Shared {
+    /// The forward step for an allowed request (see [`forward`]).
+    pub(crate) async fn forward(
+        &self,
+        conn: &ConnInfo,
+        req: Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, forward::ForwardError> {
+        let protocol = self.config.app_protocol(conn.app.port());
+        self.forwarder.forward(conn.app, protocol, req).await
+    }
+}
+
+/// Connection counters of one listener.
+#[derive(Clone, Debug)]
+pub struct ConnectionStats {
+    permits: Arc<Semaphore>,
+    max: usize,
+    refused: Arc<AtomicU64>,
+}
+
+impl ConnectionStats {
+    /// Connections closed at accept because `max_connections` were open.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+
+    /// Connections being served now.
+    pub fn active(&self) -> usize {
+        self.max.saturating_sub(self.permits.available_permits())
+    }
 }
 
 /// One accepted connection: who is on the other end, and where its
@@ -126,11 +218,37 @@ impl InboundProxy {
                 config.trust.server_config(certs, mode)?,
             )))
         };
+        let l = &config.limits;
+        let mut h1 = http1::Builder::new();
+        h1.timer(TokioTimer::new())
+            .header_read_timeout(l.header_read_timeout)
+            .max_headers(l.max_headers)
+            .max_header_size(l.max_header_bytes)
+            // Also caps an incomplete head: hyper answers 431 once its read
+            // buffer is full (it refuses a limit under 8 KiB).
+            .max_buf_size(l.max_header_bytes.max(8 * 1024));
+        let mut h2 = http2::Builder::new(TokioExecutor::new());
+        h2.timer(TokioTimer::new())
+            .max_concurrent_streams(l.h2_max_concurrent_streams)
+            .max_header_list_size(l.h2_max_header_list_size)
+            .max_pending_accept_reset_streams(l.h2_max_pending_accept_reset_streams)
+            .keep_alive_interval(l.h2_keep_alive_interval)
+            .keep_alive_timeout(l.h2_keep_alive_timeout);
+        let max = l.max_connections.clamp(1, Semaphore::MAX_PERMITS);
+        let stats = ConnectionStats {
+            permits: Arc::new(Semaphore::new(max)),
+            max,
+            refused: Arc::default(),
+        };
         let shared = Arc::new(Shared {
             strict: tls(MtlsMode::Strict)?,
             permissive: tls(MtlsMode::Permissive)?,
+            forwarder: forward::Forwarder::new(config.app_connect_timeout, config.app_pool),
             config,
             started: Instant::now(),
+            h1,
+            h2,
+            stats,
         });
         let listener = TcpListener::bind(listen).await?;
         Ok(Self { listener, shared })
@@ -140,20 +258,73 @@ impl InboundProxy {
         self.listener.local_addr()
     }
 
+    /// This listener's connection counters (a cheap handle; take it before
+    /// `run`).
+    pub fn stats(&self) -> ConnectionStats {
+        self.shared.stats.clone()
+    }
+
     /// Accepts connections until the task is dropped.
     pub async fn run(self) {
+        self.run_until(std::future::pending()).await;
+    }
+
+    /// Accepts connections until `shutdown` completes, then drains: the
+    /// listener is closed (new connections are refused), every HTTP
+    /// connection is told to finish its in-flight requests and close
+    /// (HTTP/1: `Connection: close` on the current response, idle ones at
+    /// once; HTTP/2: GOAWAY), and this returns once all connections ended or
+    /// `drain_timeout` passed, whichever is first; what is left then is cut.
+    /// Opaque and upgraded connections have no request boundary: they run
+    /// until they end or the deadline.
+    pub async fn run_until(self, shutdown: impl Future<Output = ()>) {
+        let Self { listener, shared } = self;
+        let (drain_tx, drain_rx) = watch::channel(false);
+        let mut tasks = JoinSet::new();
+        tokio::pin!(shutdown);
         loop {
-            match self.listener.accept().await {
-                Ok((tcp, peer)) => {
-                    let shared = self.shared.clone();
-                    tokio::spawn(connection(shared, tcp, peer));
-                }
-                Err(e) => {
-                    // E.g. out of file descriptors: back off, never exit.
-                    tracing::warn!(error = %e, "inbound accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
+            tokio::select! {
+                () = &mut shutdown => break,
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                accepted = listener.accept() => match accepted {
+                    Ok((tcp, peer)) => {
+                        let Ok(permit) = shared.stats.permits.clone().try_acquire_owned() else {
+                            // Over the limit: close at once rather than queue
+                            // work the agent cannot take on.
+                            shared.stats.refused.fetch_add(1, Ordering::Relaxed);
+                            tracing::debug!(peer = %peer, "connection limit reached; closing");
+                            drop(tcp);
+                            continue;
+                        };
+                        let shared = shared.clone();
+                        let drain = drain_rx.clone();
+                        tasks.spawn(async move {
+                            connection(shared, tcp, peer, drain).await;
+                            drop(permit);
+                        });
+                    }
+                    Err(e) => {
+                        // E.g. out of file descriptors: back off, never exit.
+                        tracing::warn!(error = %e, "inbound accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
             }
+        }
+        drop(listener);
+        let _ = drain_tx.send(true);
+        tracing::info!(connections = tasks.len(), "inbound listener draining");
+        let drained = tokio::time::timeout(shared.config.drain_timeout, async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                connections = tasks.len(),
+                "drain deadline passed; closing the remaining connections"
+            );
+            tasks.abort_all();
+            while tasks.join_next().await.is_some() {}
         }
     }
 }
@@ -184,7 +355,12 @@ fn app_address(shared: &Shared, tcp: &TcpStream) -> Option<SocketAddr> {
     }
 }
 
-async fn connection(shared: Arc<Shared>, tcp: TcpStream, peer_addr: SocketAddr) {
+async fn connection(
+    shared: Arc<Shared>,
+    tcp: TcpStream,
+    peer_addr: SocketAddr,
+    drain: watch::Receiver<bool>,
+) {
     let _ = tcp.set_nodelay(true);
     let Some(app) = app_address(&shared, &tcp) else {
         tracing::debug!(peer = %peer_addr, "inbound connection without an app destination; closing");
@@ -202,7 +378,7 @@ async fn connection(shared: Arc<Shared>, tcp: TcpStream, peer_addr: SocketAddr) 
                     peer: None,
                     app,
                 };
-                serve(shared, TokioIo::new(tcp), info).await;
+                dispatch(shared, tcp, info, None, drain).await;
                 return;
             }
             Ok(Ok(1)) => {}
@@ -238,28 +414,184 @@ async fn connection(shared: Arc<Shared>, tcp: TcpStream, peer_addr: SocketAddr) 
             return;
         }
     };
+    let alpn = detect::from_alpn(conn.alpn_protocol());
     let info = ConnInfo {
         peer_addr: peer_addr.ip(),
         peer,
         app,
     };
-    serve(shared, TokioIo::new(tls), info).await;
+    dispatch(shared, tls, info, alpn, drain).await;
 }
 
-async fn serve<IO>(shared: Arc<Shared>, io: TokioIo<IO>, info: ConnInfo)
+/// Detect (unless ALPN or the port's configuration already says), then serve
+/// the connection as HTTP/1, HTTP/2 or opaque TCP.
+async fn dispatch<IO>(
+    shared: Arc<Shared>,
+    mut io: IO,
+    info: ConnInfo,
+    alpn: Option<Detected>,
+    drain: watch::Receiver<bool>,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let port_protocol = shared.config.port_protocol(info.app.port());
+    if port_protocol == PortProtocol::Opaque {
+        return tcp::proxy(shared, io, info).await;
+    }
+    let (detected, prefix) = match alpn {
+        Some(d) => (d, Vec::new()),
+        None => {
+            let (timeout, on_timeout) = match port_protocol {
+                PortProtocol::Http => (shared.config.limits.header_read_timeout, None),
+                _ => (shared.config.detect_timeout, Some(Detected::Opaque)),
+            };
+            match detect::sniff(&mut io, timeout, on_timeout).await {
+                // An HTTP port: whatever it is, hyper answers it (400).
+                Ok((Some(Detected::Opaque), prefix)) if port_protocol == PortProtocol::Http => {
+                    (Detected::Http1, prefix)
+                }
+                Ok((Some(d), prefix)) => (d, prefix),
+                Ok((None, _)) => {
+                    tracing::debug!(peer = %info.peer_addr, "nothing conclusive to detect; closing");
+                    return;
+                }
+                Err(e) => {
+                    tracing::debug!(peer = %info.peer_addr, error = %e, "detection read failed");
+                    return;
+                }
+            }
+        }
+    };
+    let io = detect::Rewind::new(prefix, io);
+    match detected {
+        Detected::Opaque => tcp::proxy(shared, io, info).await,
+        Detected::Http1 => serve_h1(shared, io, info, drain).await,
+        Detected::Http2 => serve_h2(shared, io, info, drain).await,
+    }
+}
+
+async fn serve_h1<IO>(shared: Arc<Shared>, io: IO, info: ConnInfo, mut drain: watch::Receiver<bool>)
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let (io, verdicts) = H1Guard::new(io, shared.config.limits.max_header_bytes);
+    let service = service(shared.clone(), info, Some(verdicts));
+    let conn = shared
+        .h1
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        () = drained(&mut drain) => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "inbound HTTP/1 connection ended with an error");
+    }
+}
+
+async fn serve_h2<IO>(shared: Arc<Shared>, io: IO, info: ConnInfo, mut drain: watch::Receiver<bool>)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service(shared.clone(), info, None);
+    let conn = shared.h2.serve_connection(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        () = drained(&mut drain) => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "inbound HTTP/2 connection ended with an error");
+    }
+}
+
+/// Completes once the listener drains (or is gone).
+async fn drained(drain: &mut watch::Receiver<bool>) {
+    // The guard the wait returns must not live across an await.
+    let _ = drain.wait_for(|d| *d).await;
+}
+
+/// The hyper service of one connection. `verdicts`: the HTTP/1 framing
+/// guard's, one per request in order.
+fn service(
+    shared: Arc<Shared>,
+    info: ConnInfo,
+    verdicts: Option<HeadVerdicts>,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = Response<ProxyBody>,
+    Error = Infallible,
+    Future = impl Future<Output = Result<Response<ProxyBody>, Infallible>> + Send + 'static,
+> + Clone
++ Send
++ 'static {
     let info = Arc::new(info);
-    let service = service_fn(move |req| {
+    service_fn(move |req| {
+        // Taken now, in request order (the future may run later).
+        let framing = verdicts
+            .as_ref()
+            .map_or(HeadVerdict::Ok, HeadVerdicts::next);
         let shared = shared.clone();
         let info = info.clone();
-        async move { Ok::<_, Infallible>(request::handle(&shared, &info, req).await) }
-    });
-    if let Err(e) = auto::Builder::new(TokioExecutor::new())
-        .serve_connection(io, service)
-        .await
-    {
-        tracing::debug!(error = %e, "inbound connection ended with an error");
+        async move { Ok::<_, Infallible>(serve_request(&shared, &info, req, framing).await) }
+    })
+}
+
+/// Checks before the pipeline (framing, target length), the pipeline, then
+/// the gRPC shape of a denial and connection handling after the response.
+async fn serve_request(
+    shared: &Shared,
+    info: &ConnInfo,
+    mut req: Request<Incoming>,
+    framing: HeadVerdict,
+) -> Response<ProxyBody> {
+    let grpc = is_grpc(req.headers());
+    let upgrade_asked = req.version() != Version::HTTP_2
+        && (req.headers().contains_key(UPGRADE) || req.method() == Method::CONNECT);
+    let target_len = req.uri().path_and_query().map_or(0, |pq| pq.as_str().len())
+        + req.uri().authority().map_or(0, |a| a.as_str().len());
+    let refused = if framing == HeadVerdict::AmbiguousFraming {
+        Some((400, "request.ambiguous_framing"))
+    } else if target_len > shared.config.limits.max_request_target {
+        Some((414, "request.target_too_long"))
+    } else {
+        None
+    };
+    let mut resp = match refused {
+        Some((status, reason)) => {
+            let rid = ensure_request_id(req.headers_mut(), info.peer.is_some());
+            let rid = rid.to_str().unwrap_or_default();
+            tracing::info!(
+                request_id = rid,
+                peer = %info.peer_addr,
+                identity = info.peer.as_ref().map(|(id, _)| id.as_str()),
+                status,
+                reason,
+                "request refused before the pipeline"
+            );
+            deny_response(status, rid, false).map(request::full)
+        }
+        None => request::handle(shared, info, req).await,
+    };
+    if grpc && let Some(denied) = resp.extensions_mut().remove::<Denied>() {
+        grpc_deny(&mut resp, &denied);
+        *resp.body_mut() = request::full(hyper::body::Bytes::new());
     }
+    // After an ambiguous head hyper's framing and the client's may differ;
+    // after a refused upgrade the client may already be sending the new
+    // protocol. Either way no further request is read from this connection.
+    let close = framing == HeadVerdict::AmbiguousFraming
+        || (upgrade_asked && resp.status() != http::StatusCode::SWITCHING_PROTOCOLS);
+    if close {
+        resp.headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
 }

@@ -7,7 +7,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use http::header::{HOST, HeaderValue};
 use http::uri::PathAndQuery;
-use http::{Request, Response, Uri, Version};
+use http::{Request, Response, Uri};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
@@ -16,7 +16,8 @@ use palisade_policy::ratelimit::RateLimitOutcome;
 use palisade_policy::wire;
 use palisade_policy::{Request as EngineRequest, RequestTime};
 
-use super::forward::{forward, strip_hop_by_hop};
+use super::body;
+use super::forward::strip_hop_by_hop;
 use super::{ConnInfo, LoadedPolicy, Shared};
 use crate::audit::{self, AuditEvent};
 use crate::pipeline::deny::deny_response;
@@ -39,7 +40,6 @@ pub type ProxyBody = BoxBody<Bytes, BoxError>;
 mod reason {
     pub const NO_POLICY: &str = "policy.none";
     pub const AMBIGUOUS: &str = "request.ambiguous";
-    pub const UNENFORCEABLE: &str = "policy.unenforceable";
     pub const APP_UNREACHABLE: &str = "upstream.unreachable";
 }
 
@@ -68,37 +68,16 @@ struct Outcome<'p> {
     /// `scope: global` limits that matched, with this request's key.
     global: Vec<(&'p CompiledRateLimit, Vec<u8>)>,
     response_headers: Vec<(&'static str, String)>,
-    /// A rule this proxy cannot enforce yet matched: the request is refused
-    /// rather than passed unchecked (fail closed).
-    unenforceable: Option<&'static str>,
+    /// Body rules for the validate step (`None`: the body streams through).
+    body: Option<&'p palisade_policy::engine::BodyRules>,
+    /// Redaction and masking for the mask step.
+    response_mask: Option<&'p palisade_policy::masking::ResponseMask>,
 }
 
 fn unix_seconds() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-}
-
-/// Body rules this proxy does not enforce yet (JSON Schema, a size limit on a
-/// body of unknown length, response masking): naming one makes the request
-/// fail closed instead of passing unchecked.
-fn unenforceable_rule(
-    d: &palisade_policy::Decision<'_, '_>,
-    headers: &http::HeaderMap,
-) -> Option<&'static str> {
-    if let Some(body) = d.body {
-        if body.schema.is_some() {
-            return Some("validation.jsonSchema");
-        }
-        let length_known = headers.contains_key(http::header::CONTENT_LENGTH);
-        if body.max_body_bytes > 0
-            && !length_known
-            && headers.contains_key(http::header::TRANSFER_ENCODING)
-        {
-            return Some("validation.maxBodyBytes");
-        }
-    }
-    d.response_mask.is_some().then_some("response")
 }
 
 /// Everything known about a request for its audit event.
@@ -269,7 +248,8 @@ pub(crate) async fn handle(
             rate_limit: d.rate_limit.map(|r| r.outcome),
             global,
             response_headers: std::mem::take(&mut d.response_headers),
-            unenforceable: unenforceable_rule(&d, request.headers),
+            body: d.body,
+            response_mask: d.response_mask,
         }
     };
     let mut outcome = outcome;
@@ -319,21 +299,21 @@ pub(crate) async fn handle(
         global_admitted = Some(checked);
     }
 
-    if let Some(what) = outcome.unenforceable {
-        tracing::warn!(
-            request_id = rid,
-            rule = what,
-            "matched a rule this agent cannot enforce yet; refusing"
-        );
-        audit.record(
-            Some(&policy),
-            Some(&outcome),
-            false,
-            403,
-            reason::UNENFORCEABLE,
-        );
-        return deny(403, rid, www);
-    }
+    // 5b. validate: the body rules `decide` cannot check from headers (a
+    // streamed size, JSON Schema). Without rules the body is only boxed for
+    // the forward step. The mask plan asks the app for what can be masked.
+    let (mut req, body_limit) = match body::validate_request(outcome.body, req).await {
+        Ok(v) => (v.request, v.limit),
+        Err(refusal) => {
+            // The message names a pointer and a keyword, never body values;
+            // the client only gets the fixed deny body.
+            tracing::debug!(request_id = rid, error = %refusal, "request body refused");
+            let (status, why) = (refusal.status(), refusal.reason());
+            audit.record(Some(&policy), Some(&outcome), false, status, why);
+            return deny(status, rid, www);
+        }
+    };
+    let mask_plan = body::prepare_mask(outcome.response_mask, &mut req);
 
     // 6. forward: the normalized path and the original query, XFCC.
     let Some(path) = outcome.path.clone() else {
@@ -349,7 +329,8 @@ pub(crate) async fn handle(
         return deny(400, rid, false);
     };
     *req.uri_mut() = Uri::from(pq);
-    *req.version_mut() = Version::HTTP_11;
+    // The version stays the client's: the forward step picks the app's
+    // protocol from it (HTTP/2 → h2c unless the port says http1).
     if !req.headers().contains_key(HOST)
         && let Some(value) = authority.and_then(|a| HeaderValue::try_from(a).ok())
     {
@@ -371,9 +352,16 @@ pub(crate) async fn handle(
         }
     }
 
-    let req = req.map(|b| b.map_err(BoxError::from).boxed());
-    let mut resp = match forward(conn.app, shared.config.app_connect_timeout, req).await {
+    let mut resp = match shared.forward(conn, req).await {
         Ok(resp) => resp.map(|b| b.map_err(BoxError::from).boxed()),
+        // The body's `maxBodyBytes` tripped while it streamed, before the
+        // app answered: the app saw an aborted request; the client gets 413.
+        Err(e) if body::over_limit(&e, body_limit.as_ref()) => {
+            tracing::debug!(request_id = rid, error = %e, "request body over the limit");
+            let why = body::reason::BODY_TOO_LARGE;
+            audit.record(Some(&policy), Some(&outcome), false, 413, why);
+            return deny(413, rid, www);
+        }
         Err(e) => {
             tracing::warn!(app = %conn.app, error = %e, "app unreachable");
             audit.record(
@@ -386,6 +374,14 @@ pub(crate) async fn handle(
             return deny(502, rid, false);
         }
     };
+
+    // 6b. mask: redact and mask a JSON response; one that cannot be
+    // inspected is withheld (502), never passed on unmasked.
+    if let Err(e) = body::mask_response(mask_plan, &mut resp).await {
+        tracing::warn!(request_id = rid, error = %e, "response cannot be masked; withholding it");
+        audit.record(Some(&policy), Some(&outcome), false, 502, e.reason());
+        return deny(502, rid, false);
+    }
 
     // 7. response headers.
     strip_hop_by_hop(resp.headers_mut());

@@ -15,8 +15,10 @@
 //! | 403 | `forbidden` |
 //! | 410 | `gone` |
 //! | 413 | `payload_too_large` |
+//! | 414 | `uri_too_long` |
 //! | 415 | `unsupported_media_type` |
 //! | 429 | `too_many_requests` |
+//! | 431 | `request_header_fields_too_large` |
 //! | 502 | `bad_gateway` |
 //!
 //! Any other status (a bug upstream: the engine only produces those above)
@@ -25,6 +27,11 @@
 //! A 401 without `www-authenticate` (an mTLS-only workload refusing a
 //! plaintext peer) departs from RFC 9110 §15.5.2 on purpose: there is no
 //! HTTP authentication scheme a client could answer with.
+//!
+//! Every deny response carries a [`Denied`] extension (never sent) so the
+//! inbound proxy can answer a gRPC client in gRPC's shape instead
+//! ([`grpc_deny`]): HTTP 200, `content-type: application/grpc`, no body, and
+//! `grpc-status` / `grpc-message` in the headers (a trailers-only response).
 //!
 //! Headers the response needs beyond these (`Retry-After`, `RateLimit-*`,
 //! `Deprecation` on 410) are the caller's to add. For `HEAD` the HTTP layer
@@ -43,8 +50,10 @@ pub fn error_word(status: u16) -> Option<&'static str> {
         403 => "forbidden",
         410 => "gone",
         413 => "payload_too_large",
+        414 => "uri_too_long",
         415 => "unsupported_media_type",
         429 => "too_many_requests",
+        431 => "request_header_fields_too_large",
         502 => "bad_gateway",
         _ => return None,
     })
@@ -79,8 +88,79 @@ pub fn deny_response(status: u16, request_id: &str, www_authenticate: bool) -> R
         headers.insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
     }
     *response.body_mut() = body;
+    response.extensions_mut().insert(Denied {
+        status,
+        request_id: request_id.into(),
+    });
     response
 }
+
+/// Marks a response as one of the agent's own denials (a response
+/// extension, never on the wire).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Denied {
+    /// The HTTP status answered (after fail-closed mapping).
+    pub status: u16,
+    pub request_id: Box<str>,
+}
+
+/// Whether a request is gRPC: `content-type: application/grpc` or
+/// `application/grpc+<codec>` / `application/grpc;…` (gRPC over HTTP/2
+/// spec). `application/grpc-web` is not.
+pub fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(CONTENT_TYPE)
+        .map(HeaderValue::as_bytes)
+        .is_some_and(|ct| {
+            ct.len() >= 16
+                && ct[..16].eq_ignore_ascii_case(b"application/grpc")
+                && matches!(ct.get(16), None | Some(b'+' | b';'))
+        })
+}
+
+/// The gRPC status for an HTTP status, as Envoy maps them
+/// (`Grpc::Utility::httpToGrpcStatus`, after gRPC's
+/// `http-grpc-status-mapping.md`): 400 → INTERNAL (13), 401 →
+/// UNAUTHENTICATED (16), 403 → PERMISSION_DENIED (7), 404 → UNIMPLEMENTED
+/// (12), 429 / 502 / 503 / 504 → UNAVAILABLE (14), anything else (410, 413,
+/// 414, 415, 431) → UNKNOWN (2).
+pub fn grpc_status(http_status: u16) -> u8 {
+    match http_status {
+        400 => 13,
+        401 => 16,
+        403 => 7,
+        404 => 12,
+        429 | 502 | 503 | 504 => 14,
+        _ => 2,
+    }
+}
+
+/// Rewrites a deny response for a gRPC client, in place: status 200,
+/// `content-type: application/grpc`, `grpc-status`, `grpc-message` (the
+/// fixed error word, nothing else), `x-request-id`, no body
+/// (trailers-only). Other headers the caller added (`retry-after`,
+/// `ratelimit-*`, `www-authenticate`, …) stay.
+pub fn grpc_deny<B>(response: &mut Response<B>, denied: &Denied) {
+    *response.status_mut() = StatusCode::OK;
+    let headers = response.headers_mut();
+    headers.remove(CONTENT_LENGTH);
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    headers.insert(
+        GRPC_STATUS,
+        HeaderValue::from(u16::from(grpc_status(denied.status))),
+    );
+    headers.insert(
+        GRPC_MESSAGE,
+        HeaderValue::from_static(error_word(denied.status).unwrap_or("forbidden")),
+    );
+    if let Ok(id) = HeaderValue::from_str(&denied.request_id) {
+        headers.insert(X_REQUEST_ID, id);
+    }
+}
+
+const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+const GRPC_MESSAGE: http::HeaderName = http::HeaderName::from_static("grpc-message");
+const X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
 
 /// [`deny_response`] for an engine verdict; only its status is read.
 pub fn deny_for_verdict(
@@ -209,6 +289,46 @@ mod tests {
                 assert!(!v.contains(rule) && !v.contains(verdict.reason.as_str()));
             }
         }
+    }
+
+    #[test]
+    fn grpc_denials_are_trailers_only_with_envoy_status_mapping() {
+        for (http, grpc) in [
+            (400, "13"),
+            (401, "16"),
+            (403, "7"),
+            (429, "14"),
+            (502, "14"),
+            (413, "2"),
+            (415, "2"),
+        ] {
+            let mut r = deny_response(http, "rid-1", true);
+            let denied = r.extensions().get::<Denied>().unwrap().clone();
+            assert_eq!(denied.status, http);
+            grpc_deny(&mut r, &denied);
+            assert_eq!(r.status(), StatusCode::OK);
+            let h = r.headers();
+            assert_eq!(h[CONTENT_TYPE], "application/grpc");
+            assert_eq!(h["grpc-status"], grpc, "{http}");
+            assert_eq!(h["grpc-message"], error_word(http).unwrap());
+            assert_eq!(h["x-request-id"], "rid-1");
+            assert!(!h.contains_key(CONTENT_LENGTH));
+        }
+    }
+
+    #[test]
+    fn grpc_content_types() {
+        let ct = |v: &'static str| {
+            let mut h = http::HeaderMap::new();
+            h.insert(CONTENT_TYPE, HeaderValue::from_static(v));
+            is_grpc(&h)
+        };
+        assert!(ct("application/grpc"));
+        assert!(ct("application/grpc+proto"));
+        assert!(ct("Application/GRPC;charset=x"));
+        assert!(!ct("application/grpc-web"));
+        assert!(!ct("application/json"));
+        assert!(!is_grpc(&http::HeaderMap::new()));
     }
 
     #[test]

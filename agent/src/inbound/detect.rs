@@ -1,0 +1,236 @@
+//! The detect step: which protocol a connection speaks, from the ALPN the
+//! TLS handshake agreed on or from its first bytes.
+//!
+//! - ALPN `h2` → HTTP/2, `http/1.1` → HTTP/1 (no bytes read).
+//! - First bytes the HTTP/2 connection preface (`PRI * HTTP/2.0…`) → HTTP/2
+//!   (prior knowledge: h2c, or h2 over TLS without ALPN).
+//! - First bytes a method token followed by a space → HTTP/1.
+//! - Anything else → opaque. On a port left to `auto`, nothing within the
+//!   detection timeout (a server-first protocol such as MySQL or SMTP waits
+//!   for the server's greeting) → opaque too.
+//!
+//! The bytes read to decide are replayed to whatever serves the connection
+//! ([`Rewind`]).
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+
+/// How traffic on an application port is treated (per-port configuration).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PortProtocol {
+    /// Detect HTTP from the first bytes; anything else is opaque.
+    #[default]
+    Auto,
+    /// Always HTTP (HTTP/1 or HTTP/2, from ALPN or the preface); no timeout
+    /// wait for server-first protocols.
+    Http,
+    /// Opaque TCP: mTLS and identity-level authorization only.
+    Opaque,
+}
+
+/// What detection found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Detected {
+    Http1,
+    Http2,
+    Opaque,
+}
+
+/// The HTTP/2 connection preface (RFC 9113 §3.4).
+pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// Longest method token accepted as HTTP/1 (the longest registered method
+/// has 17 characters).
+const MAX_METHOD: usize = 24;
+
+/// Classifies what has been read so far; `None` means "need more bytes".
+pub fn classify(buf: &[u8]) -> Option<Detected> {
+    // Empty lines before an HTTP/1 request line are tolerated by HTTP
+    // servers (RFC 9112 §2.2); were they not skipped here, such a request
+    // would pass as opaque and reach an HTTP app unchecked.
+    let buf = match buf.iter().position(|&b| b != b'\r' && b != b'\n') {
+        Some(start) => &buf[start..],
+        None => return None,
+    };
+    if buf.starts_with(H2_PREFACE) {
+        return Some(Detected::Http2);
+    }
+    if H2_PREFACE.starts_with(buf) {
+        return None;
+    }
+    for (i, &b) in buf.iter().enumerate().take(MAX_METHOD + 1) {
+        if b == b' ' {
+            return Some(if i > 0 {
+                Detected::Http1
+            } else {
+                Detected::Opaque
+            });
+        }
+        if !is_tchar(b) {
+            return Some(Detected::Opaque);
+        }
+    }
+    (buf.len() > MAX_METHOD).then_some(Detected::Opaque)
+}
+
+/// RFC 9110 §5.6.2 `tchar`.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// The protocol ALPN agreed on, if it names one.
+pub fn from_alpn(alpn: Option<&[u8]>) -> Option<Detected> {
+    match alpn? {
+        b"h2" => Some(Detected::Http2),
+        b"http/1.1" | b"http/1.0" => Some(Detected::Http1),
+        _ => None,
+    }
+}
+
+/// Reads until the first bytes decide the protocol. `timeout` bounds the
+/// whole wait; when it passes without a byte the answer is `on_timeout`;
+/// with inconclusive bytes, or when the peer closes first, `None` (give up
+/// on the connection).
+pub async fn sniff<IO: AsyncRead + Unpin>(
+    io: &mut IO,
+    timeout: Duration,
+    on_timeout: Option<Detected>,
+) -> io::Result<(Option<Detected>, Vec<u8>)> {
+    let mut buf = Vec::with_capacity(H2_PREFACE.len());
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut chunk = [0u8; H2_PREFACE.len()];
+    loop {
+        if let Some(d) = classify(&buf) {
+            return Ok((Some(d), buf));
+        }
+        match tokio::time::timeout_at(deadline, io.read(&mut chunk)).await {
+            Ok(Ok(0)) => return Ok((None, buf)),
+            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+            Ok(Err(e)) => return Err(e),
+            // Nothing at all: a server-first protocol (or an idle client).
+            Err(_) if buf.is_empty() => return Ok((on_timeout, buf)),
+            // Something that may yet become an HTTP request, sent slowly:
+            // never opaque (that would skip the HTTP policy), just closed.
+            Err(_) => return Ok((None, buf)),
+        }
+    }
+}
+
+/// An I/O object that first replays bytes already read from it.
+pub struct Rewind<IO> {
+    prefix: Vec<u8>,
+    pos: usize,
+    inner: IO,
+}
+
+impl<IO> Rewind<IO> {
+    pub fn new(prefix: Vec<u8>, inner: IO) -> Self {
+        Self {
+            prefix,
+            pos: 0,
+            inner,
+        }
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Rewind<IO> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.pos < this.prefix.len() {
+            let rest = &this.prefix[this.pos..];
+            let n = rest.len().min(buf.remaining());
+            buf.put_slice(&rest[..n]);
+            this.pos += n;
+            if this.pos == this.prefix.len() {
+                // Done replaying: give the memory back.
+                this.prefix = Vec::new();
+                this.pos = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Rewind<IO> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_first_bytes() {
+        assert_eq!(classify(b""), None);
+        assert_eq!(classify(b"GE"), None);
+        assert_eq!(classify(b"GET / HTTP/1.1"), Some(Detected::Http1));
+        assert_eq!(classify(b"PRI"), None);
+        assert_eq!(classify(b"PRI * HTTP/2.0\r\n"), None);
+        assert_eq!(classify(H2_PREFACE), Some(Detected::Http2));
+        assert_eq!(classify(b"PRI * HTTP/1.1\r\n"), Some(Detected::Http1));
+        assert_eq!(classify(b"\x16\x03\x01"), Some(Detected::Opaque));
+        assert_eq!(classify(b"\0\0\0\x08"), Some(Detected::Opaque));
+        assert_eq!(classify(b" GET"), Some(Detected::Opaque));
+        assert_eq!(classify(b"\r\n"), None);
+        assert_eq!(classify(b"\r\nGET / HTTP/1.1"), Some(Detected::Http1));
+        assert_eq!(classify(&[b'A'; 30]), Some(Detected::Opaque));
+        assert_eq!(classify(b"*1\r\n$4\r\nPING\r\n"), Some(Detected::Opaque));
+    }
+
+    #[test]
+    fn alpn_short_cuts() {
+        assert_eq!(from_alpn(Some(b"h2")), Some(Detected::Http2));
+        assert_eq!(from_alpn(Some(b"http/1.1")), Some(Detected::Http1));
+        assert_eq!(from_alpn(Some(b"x")), None);
+        assert_eq!(from_alpn(None), None);
+    }
+
+    #[tokio::test]
+    async fn rewind_replays_then_reads_on() {
+        let (mut a, b) = tokio::io::duplex(64);
+        tokio::io::AsyncWriteExt::write_all(&mut a, b"GET / HTTP/1.1\r\n")
+            .await
+            .unwrap();
+        let mut b = b;
+        let (d, prefix) = sniff(&mut b, Duration::from_secs(5), None).await.unwrap();
+        assert_eq!(d, Some(Detected::Http1));
+        drop(a);
+        let mut all = Vec::new();
+        Rewind::new(prefix, b).read_to_end(&mut all).await.unwrap();
+        assert_eq!(all, b"GET / HTTP/1.1\r\n");
+    }
+}
