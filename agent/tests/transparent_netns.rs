@@ -1,0 +1,538 @@
+//! Transparent mode for real: two "pods", each a network namespace, joined
+//! by a veth pair. Each runs `palisade-agent init` (the real iptables rules)
+//! and `palisade-agent run --transparent` as the proxy UID 2137; pod B's app
+//! is an HTTP server recording headers, pod A's app a plain HTTP client.
+//!
+//! Proves: A's plain request to B's IP:port is captured by A's agent,
+//! tunnelled over mTLS to B's agent, enforced there and answered by B's app,
+//! which sees an XFCC naming A's SPIFFE ID; a plaintext connection that
+//! bypasses A's capture (made as UID 2137) gets no answer from B's app,
+//! because B's agent demands mTLS; an unmatched destination passes through
+//! as plain TCP, or is refused under `--outbound-unmatched deny`.
+//!
+//! The test's own sockets join a namespace by creating them on a thread that
+//! called `setns(2)` (a socket stays in the namespace it was created in), and
+//! the agents are spawned from such a thread, so they start inside it.
+//! Namespaces are deleted by a drop guard, also when an assertion fails.
+//!
+//! Needs root, `ip` (iproute2) and `iptables`; `scripts/test` installs them.
+//! Without them the test prints a loud SKIPPED banner, or fails when
+//! `PALISADE_REQUIRE_NETNS` is set (CI sets it).
+
+mod common;
+
+use std::convert::Infallible;
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{Leaf, ORDERS, TD, TestCa, WEB};
+use http::{HeaderMap, Request, Response};
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use palisade_policy::wire as pb;
+use parking_lot::Mutex;
+use prost::Message;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+const AGENT: &str = env!("CARGO_BIN_EXE_palisade-agent");
+const PROXY_UID: u32 = 2137;
+const POD_A: &str = "10.79.0.1";
+const POD_B: &str = "10.79.0.2";
+/// B's meshed app port.
+const APP_PORT: u16 = 8080;
+/// B's port excluded from inbound capture, for the passthrough case.
+const PLAIN_PORT: u16 = 9090;
+/// Bound on anything the test waits for, so a failure does not hang.
+const WAIT: Duration = Duration::from_secs(10);
+
+// ---------------------------------------------------------------------------
+// Environment
+
+/// Why namespaces cannot be used here, if they cannot.
+fn netns_unavailable() -> Option<String> {
+    match std::fs::metadata("/proc/self") {
+        Ok(m) if m.uid() == 0 => {}
+        Ok(m) => return Some(format!("not root (uid {})", m.uid())),
+        Err(e) => return Some(format!("cannot read /proc/self: {e}")),
+    }
+    for (cmd, args) in [
+        ("ip", &["netns", "list"][..]),
+        ("iptables", &["--version"][..]),
+    ] {
+        match Command::new(cmd).args(args).output() {
+            Ok(out) if out.status.success() => {}
+            Ok(out) => {
+                return Some(format!(
+                    "`{cmd} {}` failed: {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stderr)
+                ));
+            }
+            Err(e) => return Some(format!("`{cmd}` cannot run: {e}")),
+        }
+    }
+    None
+}
+
+/// `true` when the test can run; otherwise a banner nobody can miss (or a
+/// failure under `PALISADE_REQUIRE_NETNS`).
+fn netns_or_skip() -> bool {
+    let Some(why) = netns_unavailable() else {
+        return true;
+    };
+    if std::env::var_os("PALISADE_REQUIRE_NETNS").is_some() {
+        panic!("PALISADE_REQUIRE_NETNS is set but network namespaces are unavailable: {why}");
+    }
+    let bar = "!".repeat(78);
+    eprintln!(
+        "\n{bar}\n!! SKIPPED transparent_netns: {why}\n!! Transparent mode was NOT tested. \
+         Run as root with iproute2 and iptables.\n{bar}\n"
+    );
+    false
+}
+
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A network namespace, deleted on drop (also when the test panics).
+struct Netns {
+    name: String,
+}
+
+impl Netns {
+    fn new(tag: &str) -> Self {
+        let name = format!("palisade-tp-{tag}-{:08x}", rand::random::<u32>());
+        run(Command::new("ip").args(["netns", "add", &name]));
+        let ns = Self { name };
+        run(ns.ip().args(["link", "set", "lo", "up"]));
+        ns
+    }
+
+    /// `ip -n NS ...`
+    fn ip(&self) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["-n", &self.name]);
+        c
+    }
+
+    /// Runs `f` on a fresh thread that joined this namespace: sockets it
+    /// creates and processes it spawns live in the namespace.
+    fn run_in<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let path = format!("/var/run/netns/{}", self.name);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let ns = std::fs::File::open(&path).unwrap();
+                // SAFETY: plain syscall on an fd we own; only this thread's
+                // network namespace changes.
+                let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+                assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+                f()
+            })
+            .join()
+            .unwrap()
+        })
+    }
+
+    /// `palisade-agent init` in this namespace, as the init container runs it.
+    fn init(&self, args: &[&str]) {
+        run(Command::new("ip")
+            .args(["netns", "exec", &self.name, AGENT, "init"])
+            .args(args));
+    }
+
+    /// A socket created in this namespace as UID `fsuid` (what iptables'
+    /// owner match sees), for a connect from anywhere.
+    fn socket_as(&self, fsuid: u32) -> TcpSocket {
+        self.run_in(|| {
+            // The raw syscall changes only this thread's filesystem UID,
+            // which the socket file inherits; the thread ends right after.
+            // SAFETY: plain syscall, no memory involved.
+            unsafe { libc::syscall(libc::SYS_setfsuid, fsuid as libc::c_long) };
+            TcpSocket::new_v4().unwrap()
+        })
+    }
+
+    fn socket(&self) -> TcpSocket {
+        self.run_in(|| TcpSocket::new_v4().unwrap())
+    }
+
+    fn listen(&self, addr: &str) -> TcpListener {
+        let std = self.run_in(|| std::net::TcpListener::bind(addr).unwrap());
+        std.set_nonblocking(true).unwrap();
+        TcpListener::from_std(std).unwrap()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// Two namespaces joined by a veth pair: A = 10.79.0.1, B = 10.79.0.2.
+fn pods() -> (Netns, Netns) {
+    let a = Netns::new("a");
+    let b = Netns::new("b");
+    let tag = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
+    let (a_if, b_if) = (format!("ta{tag}"), format!("tb{tag}"));
+    run(a.ip().args([
+        "link", "add", &a_if, "type", "veth", "peer", "name", &b_if, "netns", &b.name,
+    ]));
+    for (ns, ifname, ip) in [(&a, &a_if, POD_A), (&b, &b_if, POD_B)] {
+        run(ns
+            .ip()
+            .args(["addr", "add", &format!("{ip}/24"), "dev", ifname]));
+        run(ns.ip().args(["link", "set", ifname, "up"]));
+    }
+    (a, b)
+}
+
+// ---------------------------------------------------------------------------
+// Processes
+
+/// A child process whose output is collected line by line (so its pipes
+/// never fill up), killed and reaped on drop.
+struct Proc {
+    name: String,
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Proc {
+    fn spawn(name: &str, mut cmd: Command) -> Self {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .env("RUST_LOG", "info,palisade_agent=debug")
+            .env("NO_COLOR", "1");
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        for out in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let lines = lines.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(out).lines() {
+                    let Ok(line) = line else { return };
+                    lines.lock().push(line);
+                }
+            });
+        }
+        Self {
+            name: name.to_owned(),
+            child,
+            lines,
+        }
+    }
+
+    /// Waits for a line containing every one of `parts`.
+    async fn wait_for(&mut self, parts: &[&str]) -> String {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(line) = self
+                .lines
+                .lock()
+                .iter()
+                .find(|l| parts.iter().all(|p| l.contains(p)))
+            {
+                return line.clone();
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                std::thread::sleep(Duration::from_millis(100));
+                panic!("{} exited ({status}):\n{}", self.name, self.transcript());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} never logged {parts:?}:\n{}",
+                self.name,
+                self.transcript()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn transcript(&self) -> String {
+        self.lines.lock().join("\n")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `palisade-agent run --transparent` in `ns`, as UID/GID 2137, with the
+/// certificate `name` from `dir`; waits until both listeners are up.
+async fn start_agent(ns: &Netns, dir: &Path, name: &str, extra: &[&str]) -> Proc {
+    let mut cmd = Command::new(AGENT);
+    cmd.arg("run")
+        .arg("--transparent")
+        .args(extra)
+        .arg("--trust-bundle")
+        .arg(dir.join("ca.pem"))
+        .arg("--cert")
+        .arg(dir.join(format!("{name}.pem")))
+        .arg("--key")
+        .arg(dir.join(format!("{name}.key")))
+        .args(["--admin", ""])
+        .uid(PROXY_UID)
+        .gid(PROXY_UID);
+    let mut agent = ns.run_in(|| Proc::spawn(&format!("agent {name}"), cmd));
+    agent.wait_for(&["inbound proxy listening"]).await;
+    agent
+        .wait_for(&["outbound proxy listening (transparent)"])
+        .await;
+    agent
+}
+
+// ---------------------------------------------------------------------------
+// Fixtures
+
+/// `ca.pem`, `NAME.pem`/`NAME.key` per identity and B's policy, readable by
+/// the agents' UID (tempdirs are 0700 and root's).
+fn write_files(dir: &Path, ca: &TestCa) {
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut files = vec![("ca.pem".to_owned(), ca.pem.clone().into_bytes())];
+    for (name, id) in [("a", WEB), ("b", ORDERS)] {
+        let (cert, key) = ca.leaf_cert(&Leaf::spiffe(id));
+        files.push((format!("{name}.pem"), cert.pem().into_bytes()));
+        files.push((format!("{name}.key"), key.serialize_pem().into_bytes()));
+    }
+    // Mesh default: any authenticated peer, strict mTLS.
+    let policy = pb::WorkloadPolicy {
+        version: "v1".into(),
+        workload: "shop/orders".into(),
+        trust_domain: TD.into(),
+        default_action: pb::DefaultAction::AllAuthenticated as i32,
+        default_mtls: pb::MtlsMode::Strict as i32,
+        ..Default::default()
+    };
+    files.push(("b.pb".to_owned(), policy.encode_to_vec()));
+    for (name, bytes) in files {
+        let path = dir.join(name);
+        std::fs::write(&path, bytes).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+}
+
+/// B's app: HTTP/1.1, records each request's headers, answers "pod-b-app".
+fn serve_app(listener: TcpListener) -> Arc<Mutex<Vec<HeaderMap>>> {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let record = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let record = record.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |req: Request<Incoming>| {
+                    record.lock().push(req.headers().clone());
+                    async {
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(
+                            b"pod-b-app",
+                        ))))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), service)
+                    .await;
+            });
+        }
+    });
+    seen
+}
+
+/// B's unmeshed service: answers `plain:` + the first bytes it receives and
+/// reports who connected.
+fn serve_plain(listener: TcpListener) -> Arc<Mutex<Vec<SocketAddr>>> {
+    let peers = Arc::new(Mutex::new(Vec::new()));
+    let record = peers.clone();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, peer)) = listener.accept().await {
+            record.lock().push(peer);
+            tokio::spawn(async move {
+                let mut buf = [0u8; 64];
+                if let Ok(n) = tcp.read(&mut buf).await {
+                    let _ = tcp.write_all(b"plain:").await;
+                    let _ = tcp.write_all(&buf[..n]).await;
+                }
+            });
+        }
+    });
+    peers
+}
+
+/// Connects `socket` to `addr`, sends `request`, and reads until the other
+/// side closes (an error counts as closed). `None` if the connect failed.
+async fn exchange(socket: TcpSocket, addr: SocketAddr, request: &[u8]) -> Option<Vec<u8>> {
+    let mut tcp: TcpStream = tokio::time::timeout(WAIT, socket.connect(addr))
+        .await
+        .expect("connect hung")
+        .ok()?;
+    if tcp.write_all(request).await.is_err() {
+        return Some(Vec::new());
+    }
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(WAIT, tcp.read(&mut buf))
+            .await
+            .expect("the connection was left open")
+        {
+            Ok(0) | Err(_) => return Some(got),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+fn get(host: &str) -> Vec<u8> {
+    format!("GET /hello HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n").into_bytes()
+}
+
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transparent_mode_between_two_pods() {
+    if !netns_or_skip() {
+        return;
+    }
+    // Declared first so they are dropped last, after every process in them.
+    let (pod_a, pod_b) = pods();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("mesh root");
+    write_files(dir.path(), &ca);
+
+    let plain_port = PLAIN_PORT.to_string();
+    pod_a.init(&["--pod-ip", POD_A]);
+    pod_b.init(&["--pod-ip", POD_B, "--exclude-inbound-ports", &plain_port]);
+
+    // B's apps: the meshed HTTP app and an unmeshed plain service.
+    let seen = serve_app(pod_b.listen(&format!("0.0.0.0:{APP_PORT}")));
+    let plain_peers = serve_plain(pod_b.listen(&format!("0.0.0.0:{PLAIN_PORT}")));
+
+    let policy = dir.path().join("b.pb");
+    let mut agent_b = start_agent(
+        &pod_b,
+        dir.path(),
+        "b",
+        &["--policy-file", policy.to_str().unwrap()],
+    )
+    .await;
+    // A meshes B's app port only; B's plain port is an unmatched destination.
+    let mesh = format!("{POD_B}:{APP_PORT}={ORDERS}");
+    let mut agent_a = start_agent(&pod_a, dir.path(), "a", &["--mesh-destination", &mesh]).await;
+
+    let app_addr: SocketAddr = format!("{POD_B}:{APP_PORT}").parse().unwrap();
+    let plain_addr: SocketAddr = format!("{POD_B}:{PLAIN_PORT}").parse().unwrap();
+
+    // 1. A's app, knowing nothing of the mesh, asks B's IP:port in plain HTTP.
+    let answer = exchange(pod_a.socket(), app_addr, &get("pod-b"))
+        .await
+        .expect("connect from pod A");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 200"),
+        "{answer}\n--- agent A:\n{}\n--- agent B:\n{}",
+        agent_a.transcript(),
+        agent_b.transcript()
+    );
+    assert!(answer.ends_with("pod-b-app"), "{answer}");
+    let headers = seen.lock().clone();
+    assert_eq!(headers.len(), 1);
+    let xfcc = headers[0]
+        .get("x-forwarded-client-cert")
+        .expect("B's app got no XFCC: the request did not cross mTLS")
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(xfcc.starts_with(&format!("By={ORDERS};")), "{xfcc}");
+    assert!(xfcc.ends_with(&format!(";URI={WEB}")), "{xfcc}");
+    // A's agent tunnelled it (HTTP/1.1 detected), not passed it through.
+    agent_a
+        .wait_for(&["mTLS tunnel established", &app_addr.to_string(), "http/1.1"])
+        .await;
+
+    // 2. Plaintext that bypasses A's capture (the proxy UID is exempt) lands
+    //    on B's agent, which demands mTLS: no answer from B's app. Had the
+    //    bypass failed, A's agent would have meshed it and B's app answered.
+    let bypass = exchange(pod_a.socket_as(PROXY_UID), app_addr, &get("pod-b")).await;
+    let bypass = bypass.unwrap_or_default();
+    assert!(
+        !bypass.starts_with(b"HTTP/"),
+        "plaintext got an answer: {}",
+        String::from_utf8_lossy(&bypass)
+    );
+    assert_eq!(seen.lock().len(), 1, "plaintext reached B's app");
+    // And it was B's agent that turned it away (not, say, a routing failure).
+    agent_b
+        .wait_for(&["inbound handshake", &format!("peer={POD_A}:")])
+        .await;
+
+    // 3. Unmatched destination (passthrough, the default): plain TCP,
+    //    straight to B's unmeshed port, through A's agent.
+    let answer = exchange(pod_a.socket(), plain_addr, b"hi").await.unwrap();
+    assert_eq!(answer, b"plain:hi");
+    assert_eq!(plain_peers.lock().len(), 1);
+    assert_eq!(plain_peers.lock()[0].ip().to_string(), POD_A);
+    agent_a
+        .wait_for(&["plain TCP passthrough", &plain_addr.to_string()])
+        .await;
+
+    // 4. The same under `--outbound-unmatched deny`: refused, never connected.
+    drop(agent_a);
+    let mut agent_a = start_agent(
+        &pod_a,
+        dir.path(),
+        "a",
+        &["--mesh-destination", &mesh, "--outbound-unmatched", "deny"],
+    )
+    .await;
+    let refused = exchange(pod_a.socket(), plain_addr, b"hi").await;
+    assert_eq!(
+        refused.unwrap_or_default(),
+        b"",
+        "a denied destination answered"
+    );
+    agent_a
+        .wait_for(&["--outbound-unmatched is deny", &plain_addr.to_string()])
+        .await;
+    assert_eq!(
+        plain_peers.lock().len(),
+        1,
+        "the denied connection was made"
+    );
+
+    // The meshed destination still works under deny.
+    let answer = exchange(pod_a.socket(), app_addr, &get("pod-b"))
+        .await
+        .unwrap();
+    assert!(String::from_utf8_lossy(&answer).ends_with("pod-b-app"));
+    assert_eq!(seen.lock().len(), 2);
+    drop(agent_b);
+}
