@@ -3,6 +3,7 @@
 //! and token review against a mock Kubernetes API server.
 
 pub mod ca;
+pub mod discovery;
 pub mod identity;
 pub mod server;
 pub mod tls;

@@ -13,6 +13,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 
 use palisade_operator::ca::{self, Ca, CaMaterial, Origin};
+use palisade_operator::discovery::{DirSource, DiscoveryService, DiscoveryStatus, SourceSpec};
 use palisade_operator::identity::IssuanceCounters;
 use palisade_operator::server::{ServeConfig, Server};
 use palisade_operator::tokens::TokenValidator;
@@ -90,6 +91,14 @@ struct ServeArgs {
     /// e.g. 30s, 15m, 24h.
     #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_ttl)]
     cert_ttl: Duration,
+    /// Where ApiSecurityPolicy documents come from: `dir:<path>` reads every
+    /// *.yaml / *.yml file there (re-read on change) and serves them to
+    /// agents over Discovery.Watch. Without it, Watch is refused.
+    #[arg(long, value_name = "dir:PATH")]
+    source: Option<SourceSpec>,
+    /// How often the --source directory is re-read, e.g. 1s, 500ms.
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_poll_interval)]
+    source_poll_interval: Duration,
 }
 
 #[derive(Subcommand)]
@@ -109,6 +118,14 @@ fn parse_ttl(text: &str) -> Result<Duration, String> {
         return Err("must be at least 1s".into());
     }
     Ok(ttl)
+}
+
+fn parse_poll_interval(text: &str) -> Result<Duration, String> {
+    let d = palisade_policy::duration::parse_duration(text).map_err(|e| e.to_string())?;
+    if d < Duration::from_millis(50) {
+        return Err("must be at least 50ms".into());
+    }
+    Ok(d)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -212,7 +229,28 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         cert_ttl: args.cert_ttl,
     };
     let counters = Arc::new(IssuanceCounters::default());
-    let server = Server::bind(&config, ca, tokens, counters.clone()).await?;
+    let mut server = Server::bind(&config, ca, tokens, counters.clone()).await?;
+    if let Some(SourceSpec::Dir(dir)) = &args.source {
+        let (source, policies) = DirSource::open(dir)?;
+        tracing::info!(
+            dir = %dir.display(),
+            policies = source.current().policies.len(),
+            poll_interval = ?args.source_poll_interval,
+            "policy source ready"
+        );
+        tokio::spawn(source.run(args.source_poll_interval));
+        let mesh = palisade_policy::compile::MeshConfig {
+            trust_domain: config.trust_domain.clone(),
+            ..Default::default()
+        };
+        // Kept for the admin port's /metrics (render_prometheus).
+        let status = Arc::new(DiscoveryStatus::new());
+        server = server.with_discovery(DiscoveryService::new(mesh, Some(policies), status));
+    } else {
+        tracing::info!(
+            "no --source: Discovery.Watch is refused until a policy source is configured"
+        );
+    }
     {
         // Scripts and tests wait for these lines.
         let mut out = std::io::stdout().lock();

@@ -1,16 +1,19 @@
 //! The operator's gRPC endpoint (port 15012): TLS with a certificate from
-//! its own CA, serving `Identity` (and, later, `Discovery`).
+//! its own CA, serving `Identity` and `Discovery`.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use palisade_policy::compile::MeshConfig;
+use palisade_proto::discovery::v1::discovery_server::DiscoveryServer;
 use palisade_proto::identity::v1::identity_server::IdentityServer;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use crate::ca::Ca;
+use crate::discovery::{DiscoveryService, DiscoveryStatus};
 use crate::identity::{IdentityService, IssuanceCounters};
 use crate::tls::{self, RotatingCert, TlsError};
 use crate::tokens::TokenValidator;
@@ -47,6 +50,10 @@ pub struct Server {
     local_addr: SocketAddr,
     acceptor: TlsAcceptor,
     service: IdentityService,
+    /// `None` until [`Server::with_discovery`]; then Watch answers
+    /// FAILED_PRECONDITION (no policy source).
+    discovery: Option<DiscoveryService>,
+    trust_domain: String,
     renewal: tokio::task::JoinHandle<()>,
 }
 
@@ -61,7 +68,7 @@ impl Server {
             tls::serving_profile(&config.trust_domain, &config.namespace, config.cert_ttl)?;
         let (cert, not_after) = tls::issue_serving_cert(&ca, &profile)?;
         let resolver = Arc::new(RotatingCert::new(cert));
-        let acceptor = TlsAcceptor::from(tls::server_config(resolver.clone())?);
+        let acceptor = TlsAcceptor::from(tls::server_config(resolver.clone(), ca.trust_bundle())?);
         let renewal = tokio::spawn(tls::renew_forever(ca.clone(), profile, resolver, not_after));
         let listener =
             TcpListener::bind(config.listen)
@@ -86,8 +93,16 @@ impl Server {
             local_addr,
             acceptor,
             service,
+            discovery: None,
+            trust_domain: config.trust_domain.clone(),
             renewal,
         })
+    }
+
+    /// Serves `Discovery.Watch` with this service (policies from a source).
+    pub fn with_discovery(mut self, discovery: DiscoveryService) -> Self {
+        self.discovery = Some(discovery);
+        self
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -98,8 +113,23 @@ impl Server {
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
         let identity =
             IdentityServer::new(self.service).max_decoding_message_size(MAX_MESSAGE_BYTES);
+        let discovery = self.discovery.unwrap_or_else(|| {
+            let mesh = MeshConfig {
+                trust_domain: self.trust_domain.clone(),
+                ..MeshConfig::default()
+            };
+            DiscoveryService::new(mesh, None, Arc::new(DiscoveryStatus::new()))
+        });
+        // Agents only send ACK/NACKs; policies go the other way.
+        let discovery =
+            DiscoveryServer::new(discovery).max_decoding_message_size(MAX_MESSAGE_BYTES);
         let result = tonic::transport::Server::builder()
+            // Watch streams live for hours: notice dead agents (and let
+            // them notice a dead operator) without waiting for TCP.
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .add_service(identity)
+            .add_service(discovery)
             .serve_with_incoming_shutdown(tls::incoming(self.listener, self.acceptor), shutdown)
             .await;
         self.renewal.abort();

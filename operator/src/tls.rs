@@ -9,11 +9,14 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
 use rcgen::{KeyPair, PKCS_ECDSA_P256_SHA256};
+use rustls::RootCertStore;
 use rustls::ServerConfig;
 use rustls::crypto::CryptoProvider;
-use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::server::{
+    ClientHello, NoServerSessionStorage, ResolvesServerCert, WebPkiClientVerifier,
+};
 use rustls::sign::CertifiedKey;
-use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
@@ -37,6 +40,8 @@ pub enum TlsError {
     Rustls(#[from] rustls::Error),
     #[error("invalid serving name: {0}")]
     Name(String),
+    #[error("client certificate verifier: {0}")]
+    ClientVerifier(String),
 }
 
 /// The names in the operator's serving certificate: its SPIFFE ID, the
@@ -111,14 +116,32 @@ impl ResolvesServerCert for RotatingCert {
     }
 }
 
-/// TLS 1.3 preferred, 1.2 minimum, HTTP/2 only (gRPC). Clients are not
-/// asked for certificates: agents come here before they have one.
-pub fn server_config(resolver: Arc<RotatingCert>) -> Result<Arc<ServerConfig>, TlsError> {
+/// TLS 1.3 preferred, 1.2 minimum, HTTP/2 only (gRPC). Client
+/// certificates are requested but optional: `Identity.Certify` callers come
+/// here before they have one, while `Discovery.Watch` requires one. A
+/// certificate that is presented must chain to `client_roots` (the CA's
+/// trust bundle) or the handshake fails; the services read the identity.
+pub fn server_config(
+    resolver: Arc<RotatingCert>,
+    client_roots: &[CertificateDer<'static>],
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for root in client_roots {
+        roots.add(root.clone())?;
+    }
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| TlsError::ClientVerifier(e.to_string()))?;
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
-        .with_no_client_auth()
+        .with_client_cert_verifier(verifier)
         .with_cert_resolver(resolver);
     config.alpn_protocols = vec![b"h2".to_vec()];
+    // No resumption: a resumed session skips client-certificate
+    // verification, so an expired agent certificate could live on.
+    config.session_storage = Arc::new(NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     Ok(Arc::new(config))
 }
 

@@ -1,0 +1,391 @@
+//! `Discovery.Watch` end to end: the real `palisade-operator` binary with
+//! `--source dir:`, real TLS with client certificates obtained through
+//! `Identity.Certify`, real gRPC streams.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+use palisade_proto::discovery::v1::discovery_client::DiscoveryClient;
+use palisade_proto::discovery::v1::watch_request::Kind;
+use palisade_proto::discovery::v1::{Ack, Nack, WatchRequest, WatchResponse, WorkloadRef};
+use palisade_proto::policy::v1::{DefaultAction, WorkloadPolicy, path_match};
+use tokio::sync::mpsc;
+use tonic::Code;
+use tonic::codegen::tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+const TOKEN_ORDERS: &str = "tok-orders-5e1f0c9a7b3d2e48";
+const ID_ORDERS: &str = "spiffe://cluster.local/ns/shop/sa/orders";
+const ID_PAYMENTS: &str = "spiffe://cluster.local/ns/shop/sa/payments";
+
+/// Each step waits at most this long for something to happen.
+const STEP: Duration = Duration::from_secs(10);
+
+fn policy_yaml(name: &str, path_prefix: &str) -> String {
+    format!(
+        r#"apiVersion: palisade.dev/v1alpha1
+kind: ApiSecurityPolicy
+metadata: {{name: {name}, namespace: shop}}
+spec:
+  selector: {{matchLabels: {{app: orders}}}}
+  ports: [8080]
+  routes:
+    - name: read
+      match:
+        path: {{prefix: {path_prefix}}}
+        methods: [GET]
+      allow:
+        - namespaces: [web]
+"#
+    )
+}
+
+struct Setup {
+    _tmp: tempfile::TempDir,
+    policies: std::path::PathBuf,
+    op: Operator,
+}
+
+fn start(with_source: bool, files: &[(&str, &str)]) -> Setup {
+    let tmp = tempfile::tempdir().unwrap();
+    let tokens = write_tokens(tmp.path(), &[(TOKEN_ORDERS, "shop", "orders")]);
+    let policies = tmp.path().join("policies");
+    std::fs::create_dir(&policies).unwrap();
+    for (name, text) in files {
+        std::fs::write(policies.join(name), text).unwrap();
+    }
+    let source = format!("dir:{}", policies.display());
+    let mut extra = vec!["--source-poll-interval", "100ms"];
+    if with_source {
+        extra.extend(["--source", source.as_str()]);
+    }
+    let op = spawn_operator(&tmp.path().join("state"), &tokens, &extra);
+    Setup {
+        _tmp: tmp,
+        policies,
+        op,
+    }
+}
+
+/// A certificate for the orders workload via Certify, as PEM chain and key.
+async fn orders_identity(op: &Operator) -> Identity {
+    let mut client = op.client().await;
+    let (key, csr_pem) = csr(vec![]);
+    let resp = certify(&mut client, TOKEN_ORDERS, &csr_pem, 0)
+        .await
+        .unwrap();
+    assert_eq!(resp.spiffe_id, ID_ORDERS);
+    Identity::from_pem(resp.cert_chain_pem.concat(), key.serialize_pem())
+}
+
+async fn channel(op: &Operator, identity: Option<Identity>) -> Channel {
+    install_ring();
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(op.bundle_pem()))
+        .domain_name("localhost");
+    if let Some(id) = identity {
+        tls = tls.identity(id);
+    }
+    Channel::from_shared(format!("https://localhost:{}", op.addr.port()))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .expect("TLS connection to the operator")
+}
+
+fn workload(id: &str, app: &str) -> WorkloadRef {
+    WorkloadRef {
+        spiffe_id: id.to_owned(),
+        namespace: "shop".into(),
+        service_account: id.rsplit('/').next().unwrap().to_owned(),
+        pod_name: "orders-7d9f-abcde".into(),
+        labels: [("app".to_owned(), app.to_owned())].into(),
+        ports: vec![8080],
+        agent_instance_id: "instance-1".into(),
+    }
+}
+
+/// An open Watch stream: requests go in through `tx`.
+struct Watch {
+    tx: mpsc::Sender<WatchRequest>,
+    responses: tonic::Streaming<WatchResponse>,
+}
+
+impl Watch {
+    async fn open(channel: Channel, subscribe: WorkloadRef) -> Result<Self, tonic::Status> {
+        let (tx, rx) = mpsc::channel(8);
+        tx.send(WatchRequest {
+            kind: Some(Kind::Subscribe(subscribe)),
+        })
+        .await
+        .unwrap();
+        let responses = DiscoveryClient::new(channel)
+            .watch(ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        Ok(Self { tx, responses })
+    }
+
+    async fn next(&mut self) -> WorkloadPolicy {
+        tokio::time::timeout(STEP, self.responses.message())
+            .await
+            .expect("no policy pushed in time")
+            .expect("stream error")
+            .expect("stream ended")
+            .policy
+            .expect("response without a policy")
+    }
+
+    async fn send(&self, kind: Kind) {
+        self.tx
+            .send(WatchRequest { kind: Some(kind) })
+            .await
+            .unwrap();
+    }
+}
+
+/// Prefixes of the routes, in order.
+fn prefixes(p: &WorkloadPolicy) -> Vec<String> {
+    p.routes
+        .iter()
+        .filter_map(|r| match r.path.as_ref()?.kind.as_ref()? {
+            path_match::Kind::Prefix(p) => Some(p.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Waits until `needle` appears on at least `n` lines.
+async fn wait_for_count(op: &Operator, needle: &str, n: usize) {
+    let deadline = Instant::now() + STEP;
+    loop {
+        let log = op.log();
+        if log.lines().filter(|l| l.contains(needle)).count() >= n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{needle:?} not logged {n} times:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn wait_for_log(op: &Operator, needle: &str) -> String {
+    let deadline = Instant::now() + STEP;
+    loop {
+        let log = op.log();
+        if let Some(line) = log.lines().find(|l| l.contains(needle)) {
+            return line.to_owned();
+        }
+        assert!(Instant::now() < deadline, "{needle:?} not logged:\n{log}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn write(dir: &Path, name: &str, text: &str) {
+    // Write-then-rename, like editors and ConfigMap updates: the poller
+    // never sees half a file.
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, dir.join(name)).unwrap();
+}
+
+#[tokio::test]
+async fn pushes_on_change_keeps_last_good_on_a_broken_edit_and_records_nacks() {
+    let s = start(true, &[("orders.yaml", &policy_yaml("orders", "/orders"))]);
+    let identity = orders_identity(&s.op).await;
+    let mut watch = Watch::open(
+        channel(&s.op, Some(identity)).await,
+        workload(ID_ORDERS, "orders"),
+    )
+    .await
+    .expect("watch accepted");
+
+    // The first version reflects the YAML.
+    let v1 = watch.next().await;
+    assert_eq!(v1.workload, ID_ORDERS);
+    assert_eq!(prefixes(&v1), vec!["/orders"]);
+    assert_eq!(v1.routes[0].id, "shop/orders/routes/read");
+    assert_eq!(v1.routes[0].methods, vec!["GET"]);
+    assert_eq!(v1.routes[0].allow[0].namespaces, vec!["web"]);
+    assert!(!v1.version.is_empty());
+    watch
+        .send(Kind::Ack(Ack {
+            version: v1.version.clone(),
+        }))
+        .await;
+    wait_for_log(&s.op, "agent enforces policy version (ACK)").await;
+
+    // An edit is pushed as a new version.
+    write(
+        &s.policies,
+        "orders.yaml",
+        &policy_yaml("orders", "/v2/orders"),
+    );
+    let v2 = watch.next().await;
+    assert_ne!(v2.version, v1.version);
+    assert_eq!(prefixes(&v2), vec!["/v2/orders"]);
+
+    // A broken edit (unknown field) is rejected, naming file and field.
+    let broken = policy_yaml("orders", "/v3/orders").replace("methods: [GET]", "methodz: [GET]");
+    write(&s.policies, "orders.yaml", &broken);
+    let line = wait_for_log(&s.op, "policy file rejected").await;
+    assert!(line.contains("orders.yaml"), "{line}");
+    let log = s.op.log();
+    assert!(
+        log.contains("spec.routes[0].match.methodz"),
+        "the log names the bad field:\n{log}"
+    );
+
+    // Another file changes what this workload gets. The next version must
+    // still carry orders.yaml's last good content (so nothing was pushed
+    // for the broken edit: the stream is ordered).
+    write(&s.policies, "extra.yaml", &policy_yaml("extra", "/extra"));
+    let v3 = watch.next().await;
+    let mut got = prefixes(&v3);
+    got.sort();
+    assert_eq!(got, vec!["/extra", "/v2/orders"]);
+
+    // An agent that cannot load a version NACKs it; the operator records it.
+    watch
+        .send(Kind::Nack(Nack {
+            version: v3.version.clone(),
+            reason: "jwt provider shop/extra/jwt[0]: no issuer".into(),
+        }))
+        .await;
+    let line = wait_for_log(&s.op, "agent refused policy version (NACK)").await;
+    assert!(line.contains("WARN"), "{line}");
+    assert!(line.contains(&v3.version), "{line}");
+    assert!(line.contains("no issuer"), "{line}");
+    assert!(line.contains("instance-1"), "{line}");
+}
+
+#[tokio::test]
+async fn unchanged_content_pushes_nothing_new() {
+    let s = start(true, &[("orders.yaml", &policy_yaml("orders", "/orders"))]);
+    let identity = orders_identity(&s.op).await;
+    let mut watch = Watch::open(
+        channel(&s.op, Some(identity)).await,
+        workload(ID_ORDERS, "orders"),
+    )
+    .await
+    .unwrap();
+    let v1 = watch.next().await;
+    // A comment and a policy for another workload: nothing this workload
+    // enforces changes.
+    let commented = format!("# reviewed\n{}", policy_yaml("orders", "/orders"));
+    write(&s.policies, "orders.yaml", &commented);
+    wait_for_count(&s.op, "policy file loaded", 2).await;
+    let other = policy_yaml("billing", "/billing").replace("app: orders", "app: billing");
+    write(&s.policies, "billing.yaml", &other);
+    wait_for_log(&s.op, "policy set updated revision=2").await;
+    // Then a real change: it is the very next message.
+    write(&s.policies, "orders.yaml", &policy_yaml("orders", "/new"));
+    let v2 = watch.next().await;
+    assert_ne!(v1.version, v2.version);
+    assert_eq!(prefixes(&v2), vec!["/new"]);
+}
+
+#[tokio::test]
+async fn a_workload_no_policy_selects_gets_the_mesh_default() {
+    let s = start(true, &[("orders.yaml", &policy_yaml("orders", "/orders"))]);
+    let identity = orders_identity(&s.op).await;
+    let mut watch = Watch::open(
+        channel(&s.op, Some(identity)).await,
+        workload(ID_ORDERS, "not-orders"),
+    )
+    .await
+    .unwrap();
+    let p = watch.next().await;
+    assert!(p.routes.is_empty(), "{p:?}");
+    assert!(p.sources.is_empty(), "{p:?}");
+    assert_eq!(p.default_action, DefaultAction::AllAuthenticated as i32);
+    assert_eq!(p.workload, ID_ORDERS);
+}
+
+#[tokio::test]
+async fn watch_requires_a_client_certificate_for_the_named_workload() {
+    let s = start(true, &[("orders.yaml", &policy_yaml("orders", "/orders"))]);
+
+    // No client certificate at all.
+    let err = Watch::open(channel(&s.op, None).await, workload(ID_ORDERS, "orders"))
+        .await
+        .err()
+        .expect("refused without a client certificate");
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+
+    let identity = orders_identity(&s.op).await;
+    let ch = channel(&s.op, Some(identity)).await;
+    // orders' certificate, asking for payments' policy.
+    let err = Watch::open(ch.clone(), workload(ID_PAYMENTS, "orders"))
+        .await
+        .err()
+        .expect("refused for another identity");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    // The right SPIFFE ID, but another namespace.
+    let mut other_ns = workload(ID_ORDERS, "orders");
+    other_ns.namespace = "billing".into();
+    let err = Watch::open(ch.clone(), other_ns)
+        .await
+        .err()
+        .expect("refused for another namespace");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    // The right SPIFFE ID, but another service account.
+    let mut other_sa = workload(ID_ORDERS, "orders");
+    other_sa.service_account = "payments".into();
+    let err = Watch::open(ch.clone(), other_sa)
+        .await
+        .err()
+        .expect("refused for another service account");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    wait_for_log(&s.op, "watch refused").await;
+
+    // And the same channel, asking for itself, is served.
+    let mut ok = Watch::open(ch, workload(ID_ORDERS, "orders"))
+        .await
+        .unwrap();
+    assert_eq!(prefixes(&ok.next().await), vec!["/orders"]);
+}
+
+#[tokio::test]
+async fn without_a_source_watch_is_refused_and_certify_still_works() {
+    let s = start(false, &[]);
+    let identity = orders_identity(&s.op).await;
+    let err = Watch::open(
+        channel(&s.op, Some(identity)).await,
+        workload(ID_ORDERS, "orders"),
+    )
+    .await
+    .err()
+    .expect("no source, no watch");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("--source"), "{err:?}");
+}
+
+#[tokio::test]
+async fn a_file_broken_at_start_up_is_logged_and_the_others_are_served() {
+    let broken = policy_yaml("bad", "/bad").replace("prefix: /bad", "prefix: bad");
+    let s = start(
+        true,
+        &[
+            ("orders.yaml", &policy_yaml("orders", "/orders")),
+            ("bad.yaml", &broken),
+        ],
+    );
+    let line = wait_for_log(&s.op, "policy file rejected").await;
+    assert!(line.contains("bad.yaml"), "{line}");
+    let identity = orders_identity(&s.op).await;
+    let mut watch = Watch::open(
+        channel(&s.op, Some(identity)).await,
+        workload(ID_ORDERS, "orders"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(prefixes(&watch.next().await), vec!["/orders"]);
+}

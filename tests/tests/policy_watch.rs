@@ -1,0 +1,271 @@
+//! Policy distribution end to end (DESIGN §5, §9): the real
+//! `palisade-operator serve --source dir:` and the real `palisade-agent run
+//! --operator … --inbound …` in front of a recording backend; an mTLS client
+//! with a certificate from the same operator. Editing the YAML changes what
+//! the agent enforces, with nothing restarted.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use http_body_util::{Empty, Full};
+use hyper::body::{Bytes, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use palisade_agent::identity::{CertStore, IdentityClient, IdentityClientConfig, TokenSource};
+use palisade_agent::tls::{MeshTrust, SharedTrustBundle, TrustBundle};
+use palisade_e2e::{
+    OPERATOR_ID, Proc, TRUST_DOMAIN, ca_init, free_port, h2_connect, workspace_bin, write_tokens,
+};
+use palisade_policy::identity::SpiffeId;
+use tokio::net::TcpListener;
+
+const ORDERS: &str = "spiffe://cluster.local/ns/shop/sa/orders";
+const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
+const ORDERS_TOKEN: &str = "e2e-orders-token-7f3a9c1e5b2d8046";
+const WEB_TOKEN: &str = "e2e-web-token-2b8e6d0f4a1c9735";
+/// Each wait gives up after this long.
+const STEP: Duration = Duration::from_secs(15);
+
+fn policy(orders_rule: &str) -> String {
+    format!(
+        r#"apiVersion: palisade.dev/v1alpha1
+kind: ApiSecurityPolicy
+metadata: {{name: orders, namespace: shop}}
+spec:
+  selector: {{matchLabels: {{app: orders}}}}
+  routes:
+    - name: list-orders
+      match:
+        path: {{prefix: /orders}}
+        methods: [GET]
+      {orders_rule}: [{{principals: ["{WEB}"]}}]
+    - name: health
+      match:
+        path: {{exact: /healthz}}
+      allow: [{{principals: ["{WEB}"]}}]
+"#
+    )
+}
+
+/// Write-then-rename, so the operator's poller never reads half a file.
+fn write_policy(dir: &Path, text: &str) {
+    let tmp = dir.join(".orders.yaml.tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, dir.join("orders.yaml")).unwrap();
+}
+
+/// The app: answers 200 and records the path of every request it receives.
+async fn backend() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let record = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let record = record.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+                    record.lock().unwrap().push(req.uri().path().to_owned());
+                    async {
+                        Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from("app"))))
+                    }
+                });
+                // HTTP/1.1 or h2c: whichever the agent forwards with.
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// An mTLS client with the `web` identity, certified by the operator.
+struct Client {
+    trust: MeshTrust,
+    store: Arc<CertStore>,
+    agent: SocketAddr,
+}
+
+impl Client {
+    async fn new(operator: SocketAddr, bundle: &Path, agent: SocketAddr) -> Self {
+        let bundle = TrustBundle::from_pem_file(bundle).expect("bundle");
+        let trust = MeshTrust::new(SharedTrustBundle::new(bundle), TRUST_DOMAIN).unwrap();
+        let mut config =
+            IdentityClientConfig::new(operator.to_string(), TokenSource::Static(WEB_TOKEN.into()));
+        config.operator_id = Some(SpiffeId::parse(OPERATOR_ID).unwrap());
+        let certified = IdentityClient::new(config, trust.clone())
+            .unwrap()
+            .certify()
+            .await
+            .expect("certificate for web");
+        let store = Arc::new(CertStore::new());
+        store.install(certified.cert);
+        Self {
+            trust,
+            store,
+            agent,
+        }
+    }
+
+    /// GET `path` through the agent (a fresh connection); the status.
+    async fn get(&self, path: &str) -> Result<u16, String> {
+        let (mut send, _) = h2_connect(self.agent, &self.trust, self.store.clone(), ORDERS).await?;
+        send.ready().await.map_err(|e| e.to_string())?;
+        let req = hyper::Request::get(format!("http://orders.shop{path}"))
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| e.to_string())?;
+        let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
+        Ok(resp.status().as_u16())
+    }
+
+    /// Polls until GET `path` answers `status`.
+    async fn eventually(&self, path: &str, status: u16, agent: &Proc, operator: &Proc) {
+        let deadline = Instant::now() + STEP;
+        loop {
+            let got = self.get(path).await;
+            if got == Ok(status) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "GET {path}: wanted {status}, last {got:?}.\nAgent:\n{}\nOperator:\n{}",
+                agent.transcript(),
+                operator.transcript()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn editing_the_yaml_changes_what_the_agent_enforces() {
+    tokio::time::timeout(Duration::from_secs(60), scenario())
+        .await
+        .expect("the scenario took longer than 60 s");
+}
+
+async fn scenario() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let bundle = ca_init(&state);
+    let tokens = dir.path().join("tokens");
+    write_tokens(
+        &tokens,
+        &[(ORDERS_TOKEN, "shop", "orders"), (WEB_TOKEN, "shop", "web")],
+    );
+    let policies = dir.path().join("policies");
+    std::fs::create_dir(&policies).unwrap();
+    write_policy(&policies, &policy("allow"));
+
+    let mut cmd = Command::new(workspace_bin("palisade-operator"));
+    cmd.arg("serve")
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("--tokens")
+        .arg(&tokens)
+        .args(["--listen", "127.0.0.1:0"])
+        .arg("--source")
+        .arg(format!("dir:{}", policies.display()))
+        .args(["--source-poll-interval", "100ms"])
+        .env_remove("POD_NAMESPACE")
+        .env("RUST_LOG", "info");
+    let mut operator = Proc::spawn("palisade-operator", cmd);
+    const LISTENING: &str = "palisade-operator listening on ";
+    let line = operator
+        .wait_for_line(STEP, |l| l.starts_with(LISTENING))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let operator_addr: SocketAddr = line[LISTENING.len()..].trim().parse().unwrap();
+
+    let (app, seen) = backend().await;
+    let agent_token = dir.path().join("agent-token");
+    std::fs::write(&agent_token, format!("{ORDERS_TOKEN}\n")).unwrap();
+    let inbound = free_port();
+    let mut cmd = Command::new(workspace_bin("palisade-agent"));
+    cmd.arg("run")
+        .arg("--inbound")
+        .arg(format!("{inbound}={app}"))
+        .arg("--trust-bundle")
+        .arg(&bundle)
+        .arg("--operator")
+        .arg(operator_addr.to_string())
+        .arg("--token-file")
+        .arg(&agent_token)
+        .arg("--operator-id")
+        .arg(OPERATOR_ID)
+        .args(["--admin", ""])
+        .args(["--label", "app=orders", "--pod-name", "orders-0"])
+        .env_remove("POD_NAMESPACE")
+        .env_remove("POD_NAME")
+        .env_remove("PALISADE_POLICY_FILE")
+        .env("RUST_LOG", "info");
+    let mut agent = Proc::spawn("palisade-agent", cmd);
+    let applied = agent
+        .wait_for_line(STEP, |l| l.contains("policy applied"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    let client = Client::new(operator_addr, &bundle, inbound).await;
+    // What the YAML says: web may GET /orders; nothing allows /admin.
+    assert_eq!(
+        client.get("/orders/17").await,
+        Ok(200),
+        "{applied}\n{}",
+        agent.transcript()
+    );
+    assert_eq!(client.get("/admin").await, Ok(403));
+    assert_eq!(client.get("/healthz").await, Ok(200));
+    assert_eq!(
+        *seen.lock().unwrap(),
+        vec!["/orders/17".to_owned(), "/healthz".to_owned()],
+        "the denied request never reached the app"
+    );
+
+    // The operator ACK was recorded for this agent.
+    operator
+        .wait_for_line(STEP, |l| l.contains("agent enforces policy version (ACK)"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    // Rewrite the route to deny: the same request flips, nothing restarted.
+    write_policy(&policies, &policy("deny"));
+    client
+        .eventually("/orders/17", 403, &agent, &operator)
+        .await;
+    let before = seen.lock().unwrap().len();
+    assert_eq!(client.get("/orders/18").await, Ok(403));
+    assert_eq!(client.get("/healthz").await, Ok(200));
+    assert_eq!(seen.lock().unwrap()[before..], ["/healthz".to_owned()]);
+
+    // A broken edit is rejected and the deny stays in force.
+    write_policy(
+        &policies,
+        &policy("allow").replace("prefix: /orders", "prefix: orders"),
+    );
+    operator
+        .wait_for_line(STEP, |l| l.contains("policy file rejected"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(client.get("/orders/19").await, Ok(403));
+
+    // And back to allow.
+    write_policy(&policies, &policy("allow"));
+    client
+        .eventually("/orders/20", 200, &agent, &operator)
+        .await;
+    // Three versions applied (allow, deny, allow); none refused.
+    let deadline = Instant::now() + STEP;
+    while agent.lines_matching(|l| l.contains("policy applied")).len() < 3 {
+        assert!(Instant::now() < deadline, "{}", agent.transcript());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        agent.lines_matching(|l| l.contains("policy applied")).len(),
+        3
+    );
+    assert!(agent.lines_matching(|l| l.contains("NACK")).is_empty());
+}
