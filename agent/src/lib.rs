@@ -14,16 +14,23 @@
 //!   deprecation headers).
 //! - [`inbound`]: the inbound proxy in explicit mode (listen here, forward
 //!   there), running the pipeline and the policy engine per request.
+//! - [`outbound`]: the outbound proxy: plaintext from the app, an mTLS
+//!   tunnel to meshed destinations with the server's SPIFFE ID verified.
 //! - [`ratelimit`]: `scope: global` rate limits in a shared Redis, and the
 //!   `RateLimit-*` / `Retry-After` response headers.
+//! - [`discovery`]: the policy stream from the operator (ACK/NACK, last
+//!   good policy kept while the operator is unreachable).
 
 pub mod admin;
 pub mod audit;
 pub mod authn;
 pub mod capture;
+pub mod discovery;
 pub mod identity;
 pub mod inbound;
+pub mod limits;
 pub mod orig_dst;
+pub mod outbound;
 pub mod pipeline;
 pub mod ratelimit;
 pub mod tls;

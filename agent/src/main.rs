@@ -51,16 +51,63 @@ enum Command {
     /// own traffic (by UID), the admin port and excluded ports/CIDRs. Idempotent. Run as root
     /// (an init container with NET_ADMIN).
     Init(InitArgs),
-    /// Run the inbound proxy in explicit mode: accept mTLS on --inbound's listen address,
-    /// enforce --policy-file and forward allowed requests to the app over plaintext HTTP/1.1.
-    Run(RunArgs),
+    /// Run the sidecar: the inbound proxy (accept mTLS, enforce --policy-file, forward allowed
+    /// requests to the app) and the outbound proxy (plaintext from the app, an mTLS tunnel to
+    /// meshed destinations). Explicit mode: --inbound / --outbound LISTEN=DEST; transparent mode
+    /// (after `init`): --transparent. At least one of the three is required.
+    // Boxed: its many flags dwarf the other variants (clippy::large_enum_variant).
+    Run(Box<RunArgs>),
 }
 
 #[derive(clap::Args)]
+#[command(group(
+    clap::ArgGroup::new("mode")
+        .required(true)
+        .multiple(true)
+        .args(["inbound", "transparent", "outbound"])
+))]
 struct RunArgs {
-    /// LISTEN=APP, e.g. 127.0.0.1:8443=127.0.0.1:8080.
-    #[arg(long, value_parser = parse_inbound)]
-    inbound: (std::net::SocketAddr, std::net::SocketAddr),
+    /// Explicit inbound: LISTEN=APP, e.g. 127.0.0.1:8443=127.0.0.1:8080 (mTLS on LISTEN, the app
+    /// on APP).
+    #[arg(
+        long,
+        value_parser = parse_inbound,
+        value_name = "LISTEN=APP"
+    )]
+    inbound: Option<(std::net::SocketAddr, std::net::SocketAddr)>,
+    /// Transparent mode, after `palisade-agent init` captured the pod's traffic: inbound on
+    /// 0.0.0.0:--inbound-port, forwarding to each connection's original destination; outbound on
+    /// 127.0.0.1:--outbound-port, tunnelling to each connection's original destination. Run the
+    /// agent as the proxy UID `init` exempts (2137), or its own traffic is captured again.
+    #[arg(long, conflicts_with = "inbound")]
+    transparent: bool,
+    /// Transparent mode: the inbound listener's port (`init --inbound-port`).
+    #[arg(long, default_value_t = 15006)]
+    inbound_port: u16,
+    /// Transparent mode: the outbound listener's port (`init --outbound-port`).
+    #[arg(long, default_value_t = palisade_agent::outbound::DEFAULT_OUTBOUND_PORT)]
+    outbound_port: u16,
+    /// Explicit outbound (repeatable): LISTEN=DEST, e.g. 127.0.0.1:9001=10.0.0.5:8443. Plaintext
+    /// accepted on LISTEN is tunnelled over mTLS to DEST, always; the server must be the identity
+    /// --mesh-destination gives for DEST, else any identity of the trust domain (with a warning).
+    #[arg(long, value_parser = parse_outbound, value_name = "LISTEN=DEST")]
+    outbound: Vec<(std::net::SocketAddr, std::net::SocketAddr)>,
+    /// A meshed destination (repeatable): ADDR[/PREFIX][:PORT]=ID, ID a SPIFFE ID or `*` (any
+    /// workload of the trust domain), e.g. 10.0.0.0/24:8443=spiffe://cluster.local/ns/shop/sa/orders.
+    /// The most specific entry wins (longest prefix, then an entry with the port).
+    #[arg(long, value_parser = parse_mesh_destination, value_name = "ADDR=ID")]
+    mesh_destination: Vec<palisade_agent::outbound::DestinationEntry>,
+    /// Transparent mode: what happens to app connections to destinations no --mesh-destination
+    /// covers: `passthrough` (plain TCP to the original destination) or `deny` (closed, logged).
+    #[arg(long, value_enum, default_value = "passthrough")]
+    outbound_unmatched: UnmatchedArg,
+    /// How long the outbound proxy waits for the app's first bytes to pick ALPN (h2, http/1.1 or
+    /// none); server-first protocols wait this long once per connection.
+    #[arg(long, default_value_t = 200, value_name = "MS")]
+    outbound_detect_timeout_ms: u64,
+    /// Longest the outbound proxy's TCP connect to a destination may take.
+    #[arg(long, default_value_t = 5000, value_name = "MS")]
+    outbound_connect_timeout_ms: u64,
     /// Binary WorkloadPolicy (from `palisadectl policy compile`); without it every request is denied.
     #[arg(long)]
     policy_file: Option<PathBuf>,
@@ -78,6 +125,22 @@ struct RunArgs {
     /// SPIFFE ID the operator's certificate must carry.
     #[arg(long)]
     operator_id: Option<String>,
+    /// Policy stream (with --operator, without --policy-file): the namespace named to the
+    /// operator; default: the certificate's. Must agree with the certificate.
+    #[arg(long, env = "POD_NAMESPACE", value_name = "NS")]
+    namespace: Option<String>,
+    /// Policy stream: the service account named to the operator; default: the certificate's.
+    #[arg(long, value_name = "SA")]
+    service_account: Option<String>,
+    /// Policy stream: this pod's name, for the operator's status.
+    #[arg(long, env = "POD_NAME", default_value = "", value_name = "NAME")]
+    pod_name: String,
+    /// Policy stream: a workload label policies select on (repeatable), e.g. --label app=orders.
+    #[arg(long = "label", value_parser = parse_label, value_name = "KEY=VALUE")]
+    labels: Vec<(String, String)>,
+    /// Policy stream: stable id of this agent instance (the pod UID); default: random per start.
+    #[arg(long, env = "PALISADE_AGENT_INSTANCE_ID", value_name = "ID")]
+    agent_instance_id: Option<String>,
     /// Local use and tests: PEM certificate chain (leaf first, SPIFFE ID SAN) instead of the operator.
     #[arg(long, requires = "key", conflicts_with = "operator")]
     cert: Option<PathBuf>,
@@ -87,6 +150,65 @@ struct RunArgs {
     /// Admin endpoint (/healthz, /readyz, /metrics), ADDR:PORT; '' disables it.
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:15020")]
     admin: String,
+    /// Redis shared by all agents for `scope: global` rate limits, e.g. redis://redis:6379.
+    /// Without it every global limit acts as its `failureMode` says (closed: 429, open: admit).
+    #[arg(long, env = "PALISADE_RATELIMIT_REDIS", value_name = "URL")]
+    ratelimit_redis: Option<String>,
+    /// Longest one global rate-limit check may wait for Redis, in milliseconds.
+    #[arg(long, default_value_t = 50, value_name = "MS")]
+    ratelimit_timeout_ms: u64,
+    /// App ports proxied as opaque TCP (mTLS and identity-level authorization only), e.g.
+    /// 5432,6379. Other ports detect HTTP per connection.
+    #[arg(long, value_delimiter = ',', value_name = "PORTS")]
+    opaque_ports: Vec<u16>,
+    /// App ports that only speak HTTP/1.1 even to HTTP/2 clients: PORT=http1 (repeatable).
+    /// By default the app gets the client's protocol (HTTP/2 as h2c).
+    #[arg(long, value_parser = parse_app_protocol, value_name = "PORT=http1")]
+    app_protocol: Vec<(u16, palisade_agent::inbound::AppProtocol)>,
+    /// On SIGTERM, how long in-flight requests may take to finish, in seconds.
+    #[arg(long, default_value_t = 20, value_name = "SECONDS")]
+    drain_timeout: u64,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum UnmatchedArg {
+    Passthrough,
+    Deny,
+}
+
+fn parse_outbound(text: &str) -> Result<(std::net::SocketAddr, std::net::SocketAddr), String> {
+    let (listen, dest) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?} is not LISTEN=DEST"))?;
+    let parse = |a: &str| {
+        a.parse::<std::net::SocketAddr>()
+            .map_err(|e| format!("{a:?}: {e}"))
+    };
+    Ok((parse(listen)?, parse(dest)?))
+}
+
+fn parse_mesh_destination(
+    text: &str,
+) -> Result<palisade_agent::outbound::DestinationEntry, String> {
+    text.parse()
+        .map_err(|e: palisade_agent::outbound::DestinationParseError| e.to_string())
+}
+
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("{text:?} is not KEY=VALUE")),
+    }
+}
+
+fn parse_app_protocol(text: &str) -> Result<(u16, palisade_agent::inbound::AppProtocol), String> {
+    let (port, protocol) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?} is not PORT=PROTOCOL"))?;
+    let port = port
+        .parse::<u16>()
+        .map_err(|e| format!("{port:?} is not a port: {e}"))?;
+    Ok((port, protocol.parse()?))
 }
 
 fn parse_inbound(text: &str) -> Result<(std::net::SocketAddr, std::net::SocketAddr), String> {
@@ -240,7 +362,7 @@ fn main() -> anyhow::Result<()> {
             init_tracing();
             tokio::runtime::Runtime::new()
                 .context("cannot start the async runtime")?
-                .block_on(run(args))
+                .block_on(run(*args))
         }
         Command::RatelimitProbe(args) => tokio::runtime::Runtime::new()
             .context("cannot start the async runtime")?
@@ -384,13 +506,81 @@ async fn identity(args: IdentityArgs) -> anyhow::Result<()> {
     }
 }
 
+/// The discovery client for `run`: who we are (beyond the certificate) and
+/// where the policy goes.
+fn policy_watcher(
+    args: &RunArgs,
+    operator: &str,
+    ports: Vec<u16>,
+    trust: &MeshTrust,
+    store: &Arc<CertStore>,
+    policy: &palisade_agent::inbound::SharedPolicy,
+) -> anyhow::Result<palisade_agent::discovery::PolicyWatcher> {
+    use palisade_agent::discovery::{PolicyWatcher, PolicyWatcherConfig, WorkloadInfo};
+    let agent_instance_id = args.agent_instance_id.clone().unwrap_or_else(|| {
+        // Random per process: the operator tells restarts apart.
+        let bytes: [u8; 8] = rand::random();
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    });
+    let workload = WorkloadInfo {
+        namespace: args.namespace.clone().filter(|n| !n.is_empty()),
+        service_account: args.service_account.clone(),
+        pod_name: args.pod_name.clone(),
+        labels: args.labels.iter().cloned().collect(),
+        ports,
+        agent_instance_id,
+    };
+    let mut config = PolicyWatcherConfig::new(operator, workload);
+    config.operator_id = args
+        .operator_id
+        .as_deref()
+        .map(SpiffeId::parse)
+        .transpose()
+        .context("--operator-id is not a workload SPIFFE ID")?;
+    PolicyWatcher::new(config, trust, store.clone(), policy.clone())
+        .context("policy stream configuration")
+}
+
 async fn run(args: RunArgs) -> anyhow::Result<()> {
+    // Thousands of connections need thousands of descriptors (see limits.rs).
+    match palisade_agent::limits::raise_nofile_limit() {
+        Ok(n) => tracing::debug!(nofile = n, "open-file limit raised to the hard limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
     use palisade_agent::identity::IssuedCert;
     use palisade_agent::inbound::{InboundConfig, InboundProxy, LoadedPolicy, SharedPolicy};
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
-    let (listen, app) = args.inbound;
+    use palisade_agent::inbound::AppTarget;
+    use palisade_agent::outbound::{
+        DestinationTable, OutboundConfig, OutboundProxy, OutboundTarget, UnmatchedPolicy,
+    };
+    use std::net::{Ipv4Addr, SocketAddr};
+
+    let inbound_listener = match (args.inbound, args.transparent) {
+        (Some((listen, app)), _) => Some((listen, AppTarget::Fixed(app))),
+        (None, true) => Some((
+            SocketAddr::from((Ipv4Addr::UNSPECIFIED, args.inbound_port)),
+            AppTarget::OriginalDst,
+        )),
+        (None, false) => None,
+    };
+    if args.transparent {
+        use std::os::unix::fs::MetadataExt;
+        // `/proc/self` belongs to our effective UID. `init` exempts one UID
+        // (2137 unless --proxy-uid said otherwise) from capture; under any
+        // other, every connection the agent makes is redirected back to it.
+        if let Ok(meta) = std::fs::metadata("/proc/self")
+            && meta.uid() != 2137
+        {
+            tracing::warn!(
+                uid = meta.uid(),
+                "--transparent: running as a UID other than 2137; unless `init --proxy-uid` \
+                 names this UID, the agent's own connections are captured and loop"
+            );
+        }
+    }
     let admin_addr: Option<std::net::SocketAddr> = match args.admin.trim() {
         "" => None,
         a => Some(
@@ -401,6 +591,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let bundle = TrustBundle::from_pem_file(&args.trust_bundle)?;
     let trust = MeshTrust::new(SharedTrustBundle::new(bundle), &args.trust_domain)?;
     let policy = SharedPolicy::default();
+    let policy_status = Arc::new(palisade_agent::discovery::PolicyStatus::new());
     match &args.policy_file {
         Some(path) => {
             let bytes =
@@ -409,9 +600,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             let loaded = LoadedPolicy::load(wire, Default::default())
                 .context("policy cannot be enforced")?;
             tracing::info!(version = loaded.engine.version(), "policy loaded");
+            policy_status.set_file(loaded.engine.version());
             policy.replace(loaded);
         }
-        None => tracing::warn!("no --policy-file: every request is denied"),
+        None if inbound_listener.is_some() && args.operator.is_none() => {
+            tracing::warn!("no --policy-file and no --operator: every request is denied")
+        }
+        None => {}
     }
     let store = Arc::new(CertStore::new());
     let renewer = match (&args.cert, &args.key) {
@@ -451,33 +646,164 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             ))
         }
     };
+    // Policy from the operator (DESIGN §5), unless --policy-file pins one.
+    // Until the first version arrives every request is denied.
+    if let (Some(operator), None, Some((_, app))) =
+        (&args.operator, &args.policy_file, &inbound_listener)
+    {
+        let ports = match app {
+            AppTarget::Fixed(a) => vec![a.port()],
+            // Transparent: any port may be the app's; every policy port applies.
+            _ => Vec::new(),
+        };
+        let watcher = policy_watcher(&args, operator, ports, &trust, &store, &policy)?
+            .with_status(policy_status.clone());
+        tracing::info!(%operator, "policy from the operator's discovery stream");
+        tokio::spawn(watcher.run());
+    }
     let status = Arc::new(IdentityStatus::new(store.clone()));
     if let Some(renewer) = &renewer {
         tokio::spawn(status.clone().track(renewer.subscribe()));
     }
+    let policy_required = args.policy_file.is_some() || args.operator.is_some();
+    let mut admin_state = admin::AdminState::new(status)
+        .with_policy(
+            policy.clone(),
+            inbound_listener.is_some() && policy_required,
+        )
+        .with_metrics(policy_status.clone());
+    let mut inbound_proxies = Vec::new();
+    if let Some((listen, app)) = inbound_listener {
+        let mut inbound = InboundConfig::new(app, trust.clone(), store.clone(), policy);
+        if let Some(url) = &args.ratelimit_redis {
+            let mut config = GlobalRateLimiterConfig::new(url.clone());
+            config.timeout = Duration::from_millis(args.ratelimit_timeout_ms);
+            let limiter = palisade_agent::ratelimit::GlobalRateLimiter::new(&config)
+                .with_context(|| format!("--ratelimit-redis {url:?}"))?;
+            admin_state = admin_state.with_metrics(limiter.metrics().clone());
+            inbound.global_limits = Some(Arc::new(limiter));
+        }
+        for port in &args.opaque_ports {
+            inbound
+                .port_protocols
+                .insert(*port, palisade_agent::inbound::PortProtocol::Opaque);
+        }
+        inbound
+            .app_protocols
+            .extend(args.app_protocol.iter().copied());
+        inbound.drain_timeout = Duration::from_secs(args.drain_timeout);
+        let proxy = InboundProxy::bind(listen, inbound)
+            .await
+            .with_context(|| format!("cannot listen on {listen} (--inbound)"))?;
+        tracing::info!(listen = %proxy.local_addr()?, app = ?app, "inbound proxy listening");
+        admin_state = admin_state.with_metrics(Arc::new(proxy.stats()));
+        inbound_proxies.push(proxy);
+    }
+
+    // Outbound: one listener per --outbound, plus the transparent one; all
+    // share the destination table and the metrics.
+    let mut table = DestinationTable::new();
+    for entry in args.mesh_destination {
+        table.insert(entry).context("--mesh-destination")?;
+    }
+    let mut outbound = OutboundConfig::new(trust, store, table);
+    admin_state = admin_state.with_metrics(outbound.metrics.clone());
+    outbound.unmatched = match args.outbound_unmatched {
+        UnmatchedArg::Passthrough => UnmatchedPolicy::Passthrough,
+        UnmatchedArg::Deny => UnmatchedPolicy::Deny,
+    };
+    outbound.detect_timeout = Duration::from_millis(args.outbound_detect_timeout_ms);
+    outbound.connect_timeout = Duration::from_millis(args.outbound_connect_timeout_ms);
+    let mut outbound_listeners: Vec<(SocketAddr, OutboundTarget)> = args
+        .outbound
+        .iter()
+        .map(|(listen, dest)| (*listen, OutboundTarget::Fixed(*dest)))
+        .collect();
+    if args.transparent {
+        outbound_listeners.push((
+            SocketAddr::from((Ipv4Addr::LOCALHOST, args.outbound_port)),
+            OutboundTarget::OriginalDst,
+        ));
+    }
+    let mut outbound_proxies = Vec::new();
+    for (listen, target) in outbound_listeners {
+        let proxy = OutboundProxy::bind(listen, target, outbound.clone())
+            .await
+            .with_context(|| format!("outbound listener {listen}"))?;
+        let bound = proxy.local_addr()?;
+        match proxy.fixed_destination() {
+            Some((dest, expected)) => {
+                tracing::info!(listen = %bound, %dest, %expected, "outbound proxy listening")
+            }
+            None => tracing::info!(
+                listen = %bound,
+                destinations = outbound.destinations.entries().len(),
+                unmatched = ?outbound.unmatched,
+                "outbound proxy listening (transparent)"
+            ),
+        }
+        outbound_proxies.push(proxy);
+    }
+
+    // Everything is bound: serve the admin endpoint, then the proxies.
+    let admin_state = Arc::new(admin_state.with_runtime(serde_json::json!({
+        "inbound": args.inbound.map(|(l, a)| format!("{l}={a}")),
+        "transparent": args.transparent,
+        "outbound": args.outbound.iter().map(|(l, d)| format!("{l}={d}")).collect::<Vec<_>>(),
+        "policy_source": if args.policy_file.is_some() { "file" } else if args.operator.is_some() { "discovery" } else { "none" },
+        "global_rate_limits": args.ratelimit_redis.is_some(),
+        "opaque_ports": args.opaque_ports,
+    })));
     if let Some(addr) = admin_addr {
         let listener = admin::bind(addr)
             .await
             .with_context(|| format!("cannot listen on {addr} (--admin)"))?;
-        tokio::spawn(admin::serve(listener, status));
+        tokio::spawn(admin::serve_state(listener, admin_state.clone()));
     }
-    let proxy = InboundProxy::bind(listen, InboundConfig::new(app, trust, store, policy))
-        .await
-        .with_context(|| format!("cannot listen on {listen} (--inbound)"))?;
-    tracing::info!(listen = %proxy.local_addr()?, %app, "inbound proxy listening");
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let mut proxies = tokio::task::JoinSet::new();
+    for proxy in inbound_proxies {
+        let mut rx = shutdown_rx.clone();
+        proxies.spawn(proxy.run_until(async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }));
+    }
+    for proxy in outbound_proxies {
+        let mut rx = shutdown_rx.clone();
+        // Outbound tunnels carry no request boundary: stop accepting, and let
+        // the process exit end them once the inbound side has drained.
+        proxies.spawn(async move {
+            tokio::select! {
+                () = proxy.run() => {}
+                _ = rx.wait_for(|stop| *stop) => {}
+            }
+        });
+    }
     let renew = async {
         match renewer {
             Some(r) => r.run().await,
             None => std::future::pending().await,
         }
     };
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot listen for SIGTERM")?;
     tokio::select! {
-        () = proxy.run() => Ok(()),
-        () = renew => Ok(()),
+        Some(done) = proxies.join_next() => {
+            done.context("a proxy stopped")?;
+            return Ok(());
+        }
+        () = renew => return Ok(()),
         signal = tokio::signal::ctrl_c() => {
             signal.context("cannot listen for Ctrl-C")?;
-            tracing::info!("interrupted; exiting");
-            Ok(())
+            tracing::info!("interrupted; draining");
         }
+        _ = sigterm.recv() => tracing::info!("SIGTERM; draining"),
     }
+    // Graceful shutdown: not ready any more, no new connections, in-flight
+    // requests finish within --drain-timeout (each inbound proxy enforces it).
+    admin_state.start_draining();
+    let _ = shutdown_tx.send(true);
+    while proxies.join_next().await.is_some() {}
+    tracing::info!("drained; exiting");
+    Ok(())
 }

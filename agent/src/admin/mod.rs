@@ -39,6 +39,34 @@ pub trait PrometheusSource: Send + Sync {
     fn render_prometheus(&self, out: &mut String);
 }
 
+impl PrometheusSource for crate::outbound::OutboundMetrics {
+    fn render_prometheus(&self, out: &mut String) {
+        crate::outbound::OutboundMetrics::render_prometheus(self, out);
+    }
+}
+
+impl PrometheusSource for crate::discovery::PolicyStatus {
+    fn render_prometheus(&self, out: &mut String) {
+        crate::discovery::PolicyStatus::render_prometheus(self, out);
+    }
+}
+
+impl PrometheusSource for crate::inbound::ConnectionStats {
+    fn render_prometheus(&self, out: &mut String) {
+        let _ = writeln!(
+            out,
+            "# HELP palisade_inbound_connections_active Inbound connections open now.\n\
+             # TYPE palisade_inbound_connections_active gauge\n\
+             palisade_inbound_connections_active {}\n\
+             # HELP palisade_inbound_connections_refused_total Inbound connections closed at once because the connection limit was reached.\n\
+             # TYPE palisade_inbound_connections_refused_total counter\n\
+             palisade_inbound_connections_refused_total {}",
+            self.active(),
+            self.refused()
+        );
+    }
+}
+
 impl PrometheusSource for crate::ratelimit::RateLimitMetrics {
     fn render_prometheus(&self, out: &mut String) {
         crate::ratelimit::RateLimitMetrics::render_prometheus(self, out);
@@ -136,31 +164,11 @@ impl AdminState {
             out,
             "# HELP palisade_agent_ready 1 while /readyz answers 200.\n# TYPE palisade_agent_ready gauge\npalisade_agent_ready {ready}"
         );
-        if let Some(policy) = &self.policy {
-            let _ = writeln!(
-                out,
-                "# HELP palisade_agent_policy_info The policy version enforced (value 1).\n# TYPE palisade_agent_policy_info gauge"
-            );
-            if let Some(p) = policy.current() {
-                let _ = writeln!(
-                    out,
-                    "palisade_agent_policy_info{{version=\"{}\"}} 1",
-                    escape_label(p.engine.version())
-                );
-            }
-        }
         for source in &self.sources {
             source.render_prometheus(&mut out);
         }
         out
     }
-}
-
-/// A Prometheus label value: backslash, quote and newline escaped.
-fn escape_label(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
 }
 
 /// The identity state the admin endpoint reports: the store handshakes read

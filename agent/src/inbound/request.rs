@@ -351,6 +351,11 @@ pub(crate) async fn handle(
                 .remove(crate::pipeline::strip::X_FORWARDED_CLIENT_CERT);
         }
     }
+    // A verified API key has done its job; the app (and its logs) never
+    // see the secret. The client id is in the audit record.
+    if let Some(header) = policy.api_keys.as_ref().and_then(|k| k.header()) {
+        req.headers_mut().remove(header);
+    }
 
     let mut resp = match shared.forward(conn, req).await {
         Ok(resp) => resp.map(|b| b.map_err(BoxError::from).boxed()),
