@@ -282,6 +282,13 @@ fn mib(kib: u64) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn distinct_keys_and_idle_connections_keep_rss_under_the_cap() {
+    // A wedged agent fails the test instead of hanging the suite.
+    tokio::time::timeout(Duration::from_secs(180), scenario())
+        .await
+        .expect("the memory scenario took longer than 180 s");
+}
+
+async fn scenario() {
     let started = Instant::now();
     // 10,000 client sockets live in this process too.
     let nofile = palisade_agent::limits::raise_nofile_limit().expect("raise RLIMIT_NOFILE");
