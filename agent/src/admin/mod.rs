@@ -32,6 +32,7 @@ use tokio::sync::broadcast;
 use crate::identity::{CertStore, RenewalEvent};
 use crate::inbound::SharedPolicy;
 
+pub mod app_probe;
 pub mod config_dump;
 
 /// A component that adds samples to `/metrics`.
@@ -83,6 +84,8 @@ pub struct AdminState {
     sources: Vec<Arc<dyn PrometheusSource>>,
     /// Static facts for `/config_dump` (listeners, mode, policy source).
     pub(crate) runtime: serde_json::Value,
+    /// `/app-health/<name>` probes of the app ([`app_probe`]).
+    app_probes: Vec<app_probe::AppProbe>,
 }
 
 impl std::fmt::Debug for AdminState {
@@ -103,7 +106,15 @@ impl AdminState {
             require_policy: false,
             sources: Vec::new(),
             runtime: serde_json::Value::Null,
+            app_probes: Vec::new(),
         }
+    }
+
+    /// Answers `/app-health/<name>` by asking the app (kubelet probes
+    /// rewritten to the admin port, as with Istio).
+    pub fn with_app_probes(mut self, probes: Vec<app_probe::AppProbe>) -> Self {
+        self.app_probes = probes;
+        self
     }
 
     /// Reports `policy` in `/config_dump` and `/metrics`; with `required`,
@@ -392,8 +403,45 @@ pub async fn serve(listener: TcpListener, status: Arc<IdentityStatus>) {
 
 /// Serves the admin endpoint of `palisade-agent run` until the task is dropped.
 pub async fn serve_state(listener: TcpListener, state: Arc<AdminState>) {
-    serve_with(listener, move |m, p| respond_state(&state, m, p)).await;
+    loop {
+        let tcp = match listener.accept().await {
+            Ok((tcp, _)) => tcp,
+            Err(e) => {
+                tracing::warn!(error = %e, "admin endpoint: accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let state = state.clone();
+                async move {
+                    let path = req.uri().path();
+                    let probe = path
+                        .strip_prefix("/app-health/")
+                        .and_then(|name| state.app_probes.iter().find(|p| p.name == name));
+                    let resp = match probe {
+                        Some(probe) if req.method() == Method::GET => {
+                            let (code, body) = app_probe::probe(probe, APP_PROBE_TIMEOUT).await;
+                            let mut resp = Response::new(Full::new(Bytes::from(body)));
+                            *resp.status_mut() = code;
+                            resp
+                        }
+                        _ => respond_state(&state, req.method(), path),
+                    };
+                    Ok::<_, Infallible>(resp)
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        });
+    }
 }
+
+/// Kubelet probes time out after 1 s by default; answer within that.
+const APP_PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(900);
 
 async fn serve_with<F>(listener: TcpListener, respond: F)
 where
