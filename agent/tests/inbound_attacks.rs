@@ -5,17 +5,15 @@
 
 mod common;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::backend::{Http, loopback, serve};
 use common::{ORDERS, TestCa, WEB, trust};
-use http::{Request, Response};
+use http::Response;
 use http_body_util::Full;
-use hyper::body::{Bytes, Incoming};
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper::body::Bytes;
 use palisade_agent::authn::JwtOptions;
 use palisade_agent::inbound::{InboundConfig, InboundProxy, LoadedPolicy, SharedPolicy};
 use palisade_agent::tls::MeshTrust;
@@ -23,7 +21,7 @@ use palisade_policy::wire as pb;
 use parking_lot::Mutex;
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
@@ -37,32 +35,22 @@ struct Backend(Arc<Mutex<Vec<String>>>);
 
 impl Backend {
     async fn start() -> (Self, SocketAddr) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let backend = Backend::default();
-        let seen = backend.0.clone();
-        tokio::spawn(async move {
-            while let Ok((tcp, _)) = listener.accept().await {
-                let seen = seen.clone();
-                tokio::spawn(async move {
-                    let service = service_fn(move |req: Request<Incoming>| {
-                        let seen = seen.clone();
-                        async move {
-                            seen.lock().push(format!("{} {}", req.method(), req.uri()));
-                            if req.uri().path() == "/slow" {
-                                std::future::pending::<()>().await;
-                            }
-                            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(
-                                b"app",
-                            ))))
-                        }
-                    });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(tcp), service)
-                        .await;
-                });
-            }
-        });
+        let addr = serve(
+            loopback().await,
+            Http::Auto,
+            backend.clone(),
+            |backend: Backend, req| async move {
+                backend
+                    .0
+                    .lock()
+                    .push(format!("{} {}", req.method(), req.uri()));
+                if req.uri().path() == "/slow" {
+                    std::future::pending::<()>().await;
+                }
+                Response::new(Full::new(Bytes::from_static(b"app")))
+            },
+        );
         (backend, addr)
     }
 

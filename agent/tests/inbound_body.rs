@@ -5,18 +5,17 @@
 mod common;
 
 use std::collections::VecDeque;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use common::backend::{Http, loopback, serve};
 use common::{ORDERS, TestCa, WEB, trust};
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
-use hyper::body::{Body, Bytes, Frame, Incoming};
-use hyper::service::service_fn;
+use hyper::body::{Body, Bytes, Frame};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use palisade_agent::authn::JwtOptions;
 use palisade_agent::inbound::{InboundConfig, InboundProxy, LoadedPolicy, SharedPolicy};
@@ -25,7 +24,7 @@ use palisade_policy::wire as pb;
 use parking_lot::Mutex;
 use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_rustls::TlsConnector;
 
@@ -141,52 +140,42 @@ struct Backend(Arc<Mutex<Vec<Seen>>>);
 
 impl Backend {
     async fn start() -> (Self, SocketAddr) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let backend = Backend::default();
-        let seen = backend.0.clone();
-        tokio::spawn(async move {
-            while let Ok((tcp, _)) = listener.accept().await {
-                let seen = seen.clone();
-                tokio::spawn(async move {
-                    let service = service_fn(move |req: Request<Incoming>| {
-                        let seen = seen.clone();
-                        async move {
-                            let index = {
-                                let mut all = seen.lock();
-                                all.push(Seen {
-                                    method: req.method().to_string(),
-                                    target: req.uri().to_string(),
-                                    headers: req.headers().clone(),
-                                    ..Seen::default()
-                                });
-                                all.len() - 1
-                            };
-                            let path = req.uri().path().to_owned();
-                            let mut body = req.into_body();
-                            let ended = loop {
-                                match body.frame().await {
-                                    Some(Ok(frame)) => {
-                                        if let Some(d) = frame.data_ref() {
-                                            seen.lock()[index].body.extend_from_slice(d);
-                                        }
-                                    }
-                                    Some(Err(_)) => break false,
-                                    None => break true,
-                                }
-                            };
-                            seen.lock()[index].ended = Some(ended);
-                            Ok::<_, Infallible>(app_response(&path))
-                        }
+        // HTTP/1.1 and h2c: the agent speaks HTTP/2 to the app for HTTP/2
+        // clients.
+        let addr = serve(
+            loopback().await,
+            Http::Auto,
+            backend.clone(),
+            |backend: Backend, req| async move {
+                let seen = backend.0;
+                let index = {
+                    let mut all = seen.lock();
+                    all.push(Seen {
+                        method: req.method().to_string(),
+                        target: req.uri().to_string(),
+                        headers: req.headers().clone(),
+                        ..Seen::default()
                     });
-                    // HTTP/1.1 and h2c: the agent speaks HTTP/2 to the app
-                    // for HTTP/2 clients.
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(tcp), service)
-                        .await;
-                });
-            }
-        });
+                    all.len() - 1
+                };
+                let path = req.uri().path().to_owned();
+                let mut body = req.into_body();
+                let ended = loop {
+                    match body.frame().await {
+                        Some(Ok(frame)) => {
+                            if let Some(d) = frame.data_ref() {
+                                seen.lock()[index].body.extend_from_slice(d);
+                            }
+                        }
+                        Some(Err(_)) => break false,
+                        None => break true,
+                    }
+                };
+                seen.lock()[index].ended = Some(ended);
+                app_response(&path)
+            },
+        );
         (backend, addr)
     }
 

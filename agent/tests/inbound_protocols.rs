@@ -12,11 +12,11 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use common::backend::{Http, loopback, serve};
 use common::{ORDERS, TestCa, WEB, trust};
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Bytes, Frame, Incoming};
-use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use palisade_agent::authn::JwtOptions;
 use palisade_agent::inbound::{
@@ -58,57 +58,46 @@ impl Body for ChanBody {
 /// request data frame as it arrives and ends with trailers
 /// `grpc-status: 0`, `x-custom: done`.
 async fn h2c_app() -> (Log, SocketAddr) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let log = Log::default();
-    let seen = log.clone();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let seen = seen.clone();
+    let addr = serve(
+        loopback().await,
+        Http::H2,
+        log.clone(),
+        |seen: Log, req| async move {
+            let ct = req
+                .headers()
+                .get("content-type")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-")
+                .to_owned();
+            seen.lock().push(format!(
+                "{} {} {} {:?}",
+                req.method(),
+                req.uri().path(),
+                ct,
+                req.version()
+            ));
+            let (tx, rx) = mpsc::channel(8);
+            let mut body = req.into_body();
             tokio::spawn(async move {
-                let service = service_fn(move |req: Request<Incoming>| {
-                    let seen = seen.clone();
-                    async move {
-                        let ct = req
-                            .headers()
-                            .get("content-type")
-                            .and_then(|v| v.to_str().ok())
-                            .unwrap_or("-")
-                            .to_owned();
-                        seen.lock().push(format!(
-                            "{} {} {} {:?}",
-                            req.method(),
-                            req.uri().path(),
-                            ct,
-                            req.version()
-                        ));
-                        let (tx, rx) = mpsc::channel(8);
-                        let mut body = req.into_body();
-                        tokio::spawn(async move {
-                            while let Some(Ok(frame)) = body.frame().await {
-                                if let Ok(data) = frame.into_data()
-                                    && tx.send(Frame::data(data)).await.is_err()
-                                {
-                                    return;
-                                }
-                            }
-                            let mut trailers = HeaderMap::new();
-                            trailers.insert("grpc-status", "0".parse().unwrap());
-                            trailers.insert("x-custom", "done".parse().unwrap());
-                            let _ = tx.send(Frame::trailers(trailers)).await;
-                        });
-                        let mut resp = Response::new(ChanBody(rx));
-                        resp.headers_mut()
-                            .insert("content-type", "application/grpc".parse().unwrap());
-                        Ok::<_, Infallible>(resp)
+                while let Some(Ok(frame)) = body.frame().await {
+                    if let Ok(data) = frame.into_data()
+                        && tx.send(Frame::data(data)).await.is_err()
+                    {
+                        return;
                     }
-                });
-                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tcp), service)
-                    .await;
+                }
+                let mut trailers = HeaderMap::new();
+                trailers.insert("grpc-status", "0".parse().unwrap());
+                trailers.insert("x-custom", "done".parse().unwrap());
+                let _ = tx.send(Frame::trailers(trailers)).await;
             });
-        }
-    });
+            let mut resp = Response::new(ChanBody(rx));
+            resp.headers_mut()
+                .insert("content-type", "application/grpc".parse().unwrap());
+            resp
+        },
+    );
     (log, addr)
 }
 
@@ -336,56 +325,43 @@ async fn grpc_unary_and_bidi_streaming_pass_and_denials_are_grpc_shaped() {
 /// `hello` text frame and echoes each (unmasked) text frame back as
 /// `echo:<payload>`.
 async fn websocket_app() -> (Log, SocketAddr) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let log = Log::default();
-    let seen = log.clone();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let seen = seen.clone();
+    let addr = serve(
+        loopback().await,
+        Http::H1Upgrades,
+        log.clone(),
+        |seen: Log, mut req| async move {
+            seen.lock().push(format!(
+                "{} {} upgrade={}",
+                req.method(),
+                req.uri(),
+                req.headers()
+                    .get("upgrade")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("-")
+            ));
+            let upgrade = hyper::upgrade::on(&mut req);
             tokio::spawn(async move {
-                let service = service_fn(move |mut req: Request<Incoming>| {
-                    let seen = seen.clone();
-                    async move {
-                        seen.lock().push(format!(
-                            "{} {} upgrade={}",
-                            req.method(),
-                            req.uri(),
-                            req.headers()
-                                .get("upgrade")
-                                .and_then(|v| v.to_str().ok())
-                                .unwrap_or("-")
-                        ));
-                        let upgrade = hyper::upgrade::on(&mut req);
-                        tokio::spawn(async move {
-                            let Ok(up) = upgrade.await else { return };
-                            let mut io = TokioIo::new(up);
-                            let _ = io.write_all(&ws_frame(b"hello", None)).await;
-                            while let Ok(payload) = read_ws_frame(&mut io).await {
-                                let mut reply = b"echo:".to_vec();
-                                reply.extend_from_slice(&payload);
-                                if io.write_all(&ws_frame(&reply, None)).await.is_err() {
-                                    return;
-                                }
-                            }
-                        });
-                        let resp = Response::builder()
-                            .status(101)
-                            .header("upgrade", "websocket")
-                            .header("connection", "Upgrade")
-                            .header("sec-websocket-accept", "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
-                            .body(Full::new(Bytes::new()))
-                            .unwrap();
-                        Ok::<_, Infallible>(resp)
+                let Ok(up) = upgrade.await else { return };
+                let mut io = TokioIo::new(up);
+                let _ = io.write_all(&ws_frame(b"hello", None)).await;
+                while let Ok(payload) = read_ws_frame(&mut io).await {
+                    let mut reply = b"echo:".to_vec();
+                    reply.extend_from_slice(&payload);
+                    if io.write_all(&ws_frame(&reply, None)).await.is_err() {
+                        return;
                     }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tcp), service)
-                    .with_upgrades()
-                    .await;
+                }
             });
-        }
-    });
+            Response::builder()
+                .status(101)
+                .header("upgrade", "websocket")
+                .header("connection", "Upgrade")
+                .header("sec-websocket-accept", "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
+                .body(Full::new(Bytes::new()))
+                .unwrap()
+        },
+    );
     (log, addr)
 }
 

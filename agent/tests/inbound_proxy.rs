@@ -3,16 +3,15 @@
 
 mod common;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::backend::{Http, loopback, serve};
 use common::{ORDERS, TestCa, WEB, trust};
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty, Full};
-use hyper::body::{Bytes, Incoming};
-use hyper::service::service_fn;
+use hyper::body::Bytes;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use palisade_agent::authn::JwtOptions;
 use palisade_agent::inbound::{InboundConfig, InboundProxy, LoadedPolicy, SharedPolicy};
@@ -38,33 +37,20 @@ struct Backend(Arc<Mutex<Vec<Seen>>>);
 
 impl Backend {
     async fn start() -> (Self, SocketAddr) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let backend = Backend::default();
-        let seen = backend.0.clone();
-        tokio::spawn(async move {
-            while let Ok((tcp, _)) = listener.accept().await {
-                let seen = seen.clone();
-                tokio::spawn(async move {
-                    let service = service_fn(move |req: Request<Incoming>| {
-                        let seen = seen.clone();
-                        async move {
-                            seen.lock().push(Seen {
-                                method: req.method().to_string(),
-                                target: req.uri().to_string(),
-                                headers: req.headers().clone(),
-                            });
-                            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(
-                                b"app",
-                            ))))
-                        }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(tcp), service)
-                        .await;
+        let addr = serve(
+            loopback().await,
+            Http::H1,
+            backend.clone(),
+            |backend: Backend, req| async move {
+                backend.0.lock().push(Seen {
+                    method: req.method().to_string(),
+                    target: req.uri().to_string(),
+                    headers: req.headers().clone(),
                 });
-            }
-        });
+                Response::new(Full::new(Bytes::from_static(b"app")))
+            },
+        );
         (backend, addr)
     }
 
@@ -124,10 +110,18 @@ async fn setup(policy: Option<pb::WorkloadPolicy>) -> Setup {
     let ca = TestCa::new("mesh root");
     let trust = trust(&[&ca]);
     let (backend, app) = Backend::start().await;
-    let policy = SharedPolicy::new(
+    let config = InboundConfig::new(app, trust.clone(), ca.store(ORDERS), shared(policy));
+    start(ca, trust, backend, config).await
+}
+
+fn shared(policy: Option<pb::WorkloadPolicy>) -> SharedPolicy {
+    SharedPolicy::new(
         policy.map(|p| LoadedPolicy::load(p, JwtOptions::default()).expect("policy loads")),
-    );
-    let config = InboundConfig::new(app, trust.clone(), ca.store(ORDERS), policy);
+    )
+}
+
+/// Runs the proxy with `config` in front of `backend`.
+async fn start(ca: TestCa, trust: MeshTrust, backend: Backend, config: InboundConfig) -> Setup {
     let proxy = InboundProxy::bind("127.0.0.1:0".parse().unwrap(), config)
         .await
         .expect("bind");
@@ -238,23 +232,16 @@ async fn http2_clients_are_proxied_to_the_http1_app() {
     let ca = TestCa::new("mesh root");
     let t = trust(&[&ca]);
     let (backend, app) = Backend::start().await;
-    let policy = SharedPolicy::new(Some(
-        LoadedPolicy::load(test_policy(), JwtOptions::default()).unwrap(),
-    ));
-    let mut config = InboundConfig::new(app, t.clone(), ca.store(ORDERS), policy);
+    let mut config = InboundConfig::new(
+        app,
+        t.clone(),
+        ca.store(ORDERS),
+        shared(Some(test_policy())),
+    );
     config
         .app_protocols
         .insert(app.port(), palisade_agent::inbound::AppProtocol::Http1);
-    let proxy = InboundProxy::bind("127.0.0.1:0".parse().unwrap(), config)
-        .await
-        .unwrap();
-    let s = Setup {
-        proxy: proxy.local_addr().unwrap(),
-        ca,
-        trust: t,
-        backend,
-    };
-    tokio::spawn(proxy.run());
+    let s = start(ca, t, backend, config).await;
     let tls = s.tls(s.client_config(b"h2")).await.expect("handshake");
     let (mut sender, conn) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
@@ -374,22 +361,13 @@ async fn unreachable_app_gives_502() {
         .unwrap()
         .local_addr()
         .unwrap();
-    let policy = SharedPolicy::new(Some(
-        LoadedPolicy::load(test_policy(), JwtOptions::default()).unwrap(),
-    ));
-    let proxy = InboundProxy::bind(
-        "127.0.0.1:0".parse().unwrap(),
-        InboundConfig::new(app, t.clone(), ca.store(ORDERS), policy),
-    )
-    .await
-    .unwrap();
-    let s = Setup {
-        proxy: proxy.local_addr().unwrap(),
-        ca,
-        trust: t,
-        backend: Backend::default(),
-    };
-    tokio::spawn(proxy.run());
+    let config = InboundConfig::new(
+        app,
+        t.clone(),
+        ca.store(ORDERS),
+        shared(Some(test_policy())),
+    );
+    let s = start(ca, t, Backend::default(), config).await;
     let (status, _, body) = s.get("/b", &[]).await;
     assert_eq!(status, 502);
     assert!(body.starts_with(r#"{"error":"bad_gateway""#), "{body}");

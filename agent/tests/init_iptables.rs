@@ -6,57 +6,15 @@
 //! Needs root (CAP_NET_ADMIN + CAP_SYS_ADMIN), `ip` (iproute2), `iptables`
 //! and, for the traffic test, `python3`; `scripts/test` installs them.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 
-const AGENT: &str = env!("CARGO_BIN_EXE_palisade-agent");
-
-fn run(cmd: &mut Command) -> Output {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-/// A network namespace, deleted on drop (also when the test panics).
-struct Netns {
-    name: String,
-}
+use common::AGENT;
+use common::netns::{Netns, run};
 
 impl Netns {
-    fn new(tag: &str) -> Self {
-        let name = format!("palisade-test-{tag}-{:08x}", rand::random::<u32>());
-        run(Command::new("ip").args(["netns", "add", &name]));
-        let ns = Self { name };
-        run(ns.ip().args(["link", "set", "lo", "up"]));
-        ns
-    }
-
-    /// `ip -n NS ...`
-    fn ip(&self) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["-n", &self.name]);
-        c
-    }
-
-    /// `ip netns exec NS PROGRAM`
-    fn exec(&self, program: &str) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.name, program]);
-        c
-    }
-
-    fn agent_init(&self, args: &[&str]) -> Output {
-        run(self.exec(AGENT).arg("init").args(args))
-    }
-
     /// `iptables-save -t nat` without its `#` lines (they carry a timestamp).
     fn nat_rules(&self) -> String {
         let out = run(self.exec("iptables-save").args(["-t", "nat"]));
@@ -66,14 +24,6 @@ impl Netns {
             .filter(|l| !l.starts_with('#'))
             .map(|l| format!("{l}\n"))
             .collect()
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
     }
 }
 
@@ -100,7 +50,7 @@ fn count(rules: &str, line: &str) -> usize {
 
 #[test]
 fn init_installs_is_idempotent_and_cleans_up() {
-    let ns = Netns::new("rules");
+    let ns = Netns::new("test-rules");
     let before = ns.nat_rules();
     let args = [
         "--exclude-inbound-ports",
@@ -172,8 +122,8 @@ fn init_installs_is_idempotent_and_cleans_up() {
 
 #[test]
 fn inbound_tcp_is_redirected_to_15006_except_excluded_ports() {
-    let pod = Netns::new("pod");
-    let client = Netns::new("cli");
+    let pod = Netns::new("test-pod");
+    let client = Netns::new("test-cli");
     let tag = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
     let (pod_if, cli_if) = (format!("pp{tag}"), format!("pc{tag}"));
     run(pod.ip().args([

@@ -7,19 +7,18 @@
 
 mod common;
 
-use std::convert::Infallible;
-use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{Leaf, ORDERS, TD, TestCa, WEB, signing_key, trust};
+use common::backend::{Http, loopback, serve};
+use common::proc::{Proc, agent_run};
+use common::{AGENT, Leaf, ORDERS, TD, TestCa, WEB, signing_key, trust};
 use http::{HeaderMap, Request, Response};
 use http_body_util::{BodyExt, Empty, Full};
-use hyper::body::{Bytes, Incoming};
-use hyper::service::service_fn;
+use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use palisade_agent::identity::{CertStore, IssuedCert};
 use palisade_agent::outbound::{
@@ -152,6 +151,17 @@ async fn proxy_to(
     (addr, metrics)
 }
 
+/// A TLS server presenting `server_id` (from a fresh mesh CA), and an
+/// outbound proxy for web that expects orders there.
+async fn web_expecting_orders_at(server_id: &str) -> (TlsServer, SocketAddr, Arc<OutboundMetrics>) {
+    let ca = TestCa::new("mesh root");
+    let trust = trust(&[&ca]);
+    let server = TlsServer::start(&ca, server_id, &trust).await;
+    let entry = format!("{}={ORDERS}", server.addr);
+    let (proxy, metrics) = proxy_to(server.addr, &[entry], &trust, ca.store(WEB)).await;
+    (server, proxy, metrics)
+}
+
 /// Reads until the proxy closes the app's connection; an error (reset)
 /// counts as closed. Returns what arrived before.
 async fn read_until_closed(app: &mut TcpStream) -> Vec<u8> {
@@ -170,11 +180,7 @@ async fn read_until_closed(app: &mut TcpStream) -> Vec<u8> {
 
 #[tokio::test]
 async fn bytes_flow_to_the_expected_identity_with_our_certificate_and_half_close() {
-    let ca = TestCa::new("mesh root");
-    let trust = trust(&[&ca]);
-    let mut server = TlsServer::start(&ca, ORDERS, &trust).await;
-    let entry = format!("{}={ORDERS}", server.addr);
-    let (proxy, metrics) = proxy_to(server.addr, &[entry], &trust, ca.store(WEB)).await;
+    let (mut server, proxy, metrics) = web_expecting_orders_at(ORDERS).await;
 
     let mut app = TcpStream::connect(proxy).await.unwrap();
     app.write_all(b"ping").await.unwrap();
@@ -200,12 +206,8 @@ async fn bytes_flow_to_the_expected_identity_with_our_certificate_and_half_close
 
 #[tokio::test]
 async fn a_server_with_the_wrong_spiffe_id_gets_nothing_and_the_app_is_closed() {
-    let ca = TestCa::new("mesh root");
-    let trust = trust(&[&ca]);
     // A valid mesh certificate, but for payments, not orders.
-    let mut server = TlsServer::start(&ca, PAYMENTS, &trust).await;
-    let entry = format!("{}={ORDERS}", server.addr);
-    let (proxy, metrics) = proxy_to(server.addr, &[entry], &trust, ca.store(WEB)).await;
+    let (mut server, proxy, metrics) = web_expecting_orders_at(PAYMENTS).await;
 
     let mut app = TcpStream::connect(proxy).await.unwrap();
     app.write_all(b"GET /secret HTTP/1.1\r\nhost: orders\r\n\r\n")
@@ -326,11 +328,7 @@ async fn a_plaintext_server_at_a_meshed_destination_is_never_sent_plaintext() {
 
 #[tokio::test]
 async fn alpn_follows_the_apps_first_bytes_which_arrive_untouched() {
-    let ca = TestCa::new("mesh root");
-    let trust = trust(&[&ca]);
-    let mut server = TlsServer::start(&ca, ORDERS, &trust).await;
-    let entry = format!("{}={ORDERS}", server.addr);
-    let (proxy, metrics) = proxy_to(server.addr, &[entry], &trust, ca.store(WEB)).await;
+    let (mut server, proxy, metrics) = web_expecting_orders_at(ORDERS).await;
 
     let cases: [(&[u8], Option<&[u8]>); 3] = [
         (H2_PREFACE, Some(b"h2")),
@@ -469,95 +467,6 @@ async fn identities_of_another_trust_domain_are_refused_at_start() {
 // ---------------------------------------------------------------------------
 // End to end with the real binaries.
 
-const AGENT: &str = env!("CARGO_BIN_EXE_palisade-agent");
-
-/// A child process whose output is collected line by line (so its pipes
-/// never fill up), killed and reaped on drop.
-struct Proc {
-    name: String,
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-}
-
-impl Proc {
-    fn spawn(name: &str, mut cmd: Command) -> Self {
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1");
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        for out in [
-            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
-            Box::new(child.stderr.take().unwrap()),
-        ] {
-            let lines = lines.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(out).lines() {
-                    let Ok(line) = line else { return };
-                    lines.lock().push(line);
-                }
-            });
-        }
-        Self {
-            name: name.to_owned(),
-            child,
-            lines,
-        }
-    }
-
-    /// The value of `key=` on the first line containing `message`.
-    async fn wait_for_field(&mut self, message: &str, key: &str) -> String {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Some(value) = self
-                .lines
-                .lock()
-                .iter()
-                .find_map(|l| l.contains(message).then(|| field(l, key)).flatten())
-            {
-                return value;
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                std::thread::sleep(Duration::from_millis(100));
-                panic!("{} exited ({status}):\n{}", self.name, self.transcript());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} never logged {message:?}:\n{}",
-                self.name,
-                self.transcript()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    fn transcript(&self) -> String {
-        self.lines.lock().join("\n")
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn field(line: &str, key: &str) -> Option<String> {
-    let at = line.find(&format!(" {key}="))? + key.len() + 2;
-    Some(
-        line[at..]
-            .split_whitespace()
-            .next()?
-            .trim_matches('"')
-            .to_owned(),
-    )
-}
-
 /// Writes `ca.pem`, and `NAME.pem` / `NAME.key` for each identity.
 fn write_pki(dir: &Path, ca: &TestCa, ids: &[(&str, &str)]) {
     std::fs::write(dir.join("ca.pem"), &ca.pem).unwrap();
@@ -583,29 +492,17 @@ fn write_policy(path: &Path) {
 
 /// An HTTP/1.1 + h2c app recording the headers of every request, answering "app".
 async fn recording_backend() -> (SocketAddr, Arc<Mutex<Vec<HeaderMap>>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let seen = Arc::new(Mutex::new(Vec::new()));
-    let record = seen.clone();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let record = record.clone();
-            tokio::spawn(async move {
-                let service = service_fn(move |req: Request<Incoming>| {
-                    record.lock().push(req.headers().clone());
-                    async {
-                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"app"))))
-                    }
-                });
-                // HTTP/1.1 and h2c: the inbound agent keeps HTTP/2 as HTTP/2.
-                let _ = hyper_util::server::conn::auto::Builder::new(
-                    hyper_util::rt::TokioExecutor::new(),
-                )
-                .serve_connection(TokioIo::new(tcp), service)
-                .await;
-            });
-        }
-    });
+    // HTTP/1.1 and h2c: the inbound agent keeps HTTP/2 as HTTP/2.
+    let addr = serve(
+        loopback().await,
+        Http::Auto,
+        seen.clone(),
+        |record: Arc<Mutex<Vec<HeaderMap>>>, req| {
+            record.lock().push(req.headers().clone());
+            async { Response::new(Full::new(Bytes::from_static(b"app"))) }
+        },
+    );
     (addr, seen)
 }
 
@@ -637,18 +534,16 @@ async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String>
     ))
 }
 
-fn agent(dir: &Path, name: &str, args: &[&str]) -> Command {
-    let mut cmd = Command::new(AGENT);
-    cmd.arg("run")
-        .args(args)
-        .arg("--trust-bundle")
-        .arg(dir.join("ca.pem"))
-        .arg("--cert")
-        .arg(dir.join(format!("{name}.pem")))
-        .arg("--key")
-        .arg(dir.join(format!("{name}.key")))
-        .args(["--admin", ""]);
-    cmd
+/// Starts `cmd` (see [`agent_run`]) as `name`; it, and the address its
+/// `{proxy} proxy listening` line names.
+async fn start(name: &str, cmd: Command, proxy: &str) -> (Proc, SocketAddr) {
+    let mut agent = Proc::spawn(name, "info", cmd);
+    let addr = agent
+        .wait_for_field(&format!("{proxy} proxy listening"), "listen")
+        .await
+        .parse()
+        .unwrap();
+    (agent, addr)
 }
 
 #[tokio::test]
@@ -661,9 +556,9 @@ async fn explicit_mode_end_to_end_through_both_agents() {
     let (backend, seen) = recording_backend().await;
 
     let inbound_arg = format!("127.0.0.1:0={backend}");
-    let mut inbound = Proc::spawn(
+    let (_inbound, inbound_addr) = start(
         "inbound agent",
-        agent(
+        agent_run(
             dir.path(),
             "orders",
             &[
@@ -673,27 +568,23 @@ async fn explicit_mode_end_to_end_through_both_agents() {
                 policy.to_str().unwrap(),
             ],
         ),
-    );
-    let inbound_addr = inbound
-        .wait_for_field("inbound proxy listening", "listen")
-        .await;
+        "inbound",
+    )
+    .await;
 
     // The client's agent expects orders at the inbound agent.
     let outbound_arg = format!("127.0.0.1:0={inbound_addr}");
     let mesh = format!("{inbound_addr}={ORDERS}");
-    let mut outbound = Proc::spawn(
+    let (_outbound, outbound_addr) = start(
         "outbound agent",
-        agent(
+        agent_run(
             dir.path(),
             "web",
             &["--outbound", &outbound_arg, "--mesh-destination", &mesh],
         ),
-    );
-    let outbound_addr: SocketAddr = outbound
-        .wait_for_field("outbound proxy listening", "listen")
-        .await
-        .parse()
-        .unwrap();
+        "outbound",
+    )
+    .await;
 
     let (status, body) = http_get(outbound_addr, "/orders/1").await.unwrap();
     assert_eq!((status, body.as_str()), (200, "app"));
@@ -733,19 +624,16 @@ async fn explicit_mode_end_to_end_through_both_agents() {
 
     // An agent expecting someone else at the same address refuses to talk.
     let wrong = format!("{inbound_addr}={PAYMENTS}");
-    let mut mistaken = Proc::spawn(
+    let (mut mistaken, mistaken_addr) = start(
         "mistaken outbound agent",
-        agent(
+        agent_run(
             dir.path(),
             "web",
             &["--outbound", &outbound_arg, "--mesh-destination", &wrong],
         ),
-    );
-    let mistaken_addr: SocketAddr = mistaken
-        .wait_for_field("outbound proxy listening", "listen")
-        .await
-        .parse()
-        .unwrap();
+        "outbound",
+    )
+    .await;
     let refused = http_get(mistaken_addr, "/orders/2").await;
     assert!(refused.is_err(), "{refused:?}");
     assert_eq!(seen.lock().len(), 2, "the refused request reached the app");

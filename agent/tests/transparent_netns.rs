@@ -21,30 +21,27 @@
 
 mod common;
 
-use std::convert::Infallible;
-use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Command;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use common::backend::{Http, serve};
+use common::netns::{Netns, run};
+use common::proc::{Proc, agent_run};
 use common::{Leaf, ORDERS, TD, TestCa, WEB};
-use http::{HeaderMap, Request, Response};
+use http::{HeaderMap, Response};
 use http_body_util::Full;
-use hyper::body::{Bytes, Incoming};
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper::body::Bytes;
 use palisade_policy::wire as pb;
 use parking_lot::Mutex;
 use prost::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
-const AGENT: &str = env!("CARGO_BIN_EXE_palisade-agent");
 const PROXY_UID: u32 = 2137;
 const POD_A: &str = "10.79.0.1";
 const POD_B: &str = "10.79.0.2";
@@ -101,101 +98,10 @@ fn netns_or_skip() -> bool {
     false
 }
 
-fn run(cmd: &mut Command) -> Output {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-/// A network namespace, deleted on drop (also when the test panics).
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    fn new(tag: &str) -> Self {
-        let name = format!("palisade-tp-{tag}-{:08x}", rand::random::<u32>());
-        run(Command::new("ip").args(["netns", "add", &name]));
-        let ns = Self { name };
-        run(ns.ip().args(["link", "set", "lo", "up"]));
-        ns
-    }
-
-    /// `ip -n NS ...`
-    fn ip(&self) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["-n", &self.name]);
-        c
-    }
-
-    /// Runs `f` on a fresh thread that joined this namespace: sockets it
-    /// creates and processes it spawns live in the namespace.
-    fn run_in<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let path = format!("/var/run/netns/{}", self.name);
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                let ns = std::fs::File::open(&path).unwrap();
-                // SAFETY: plain syscall on an fd we own; only this thread's
-                // network namespace changes.
-                let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-                assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-                f()
-            })
-            .join()
-            .unwrap()
-        })
-    }
-
-    /// `palisade-agent init` in this namespace, as the init container runs it.
-    fn init(&self, args: &[&str]) {
-        run(Command::new("ip")
-            .args(["netns", "exec", &self.name, AGENT, "init"])
-            .args(args));
-    }
-
-    /// A socket created in this namespace as UID `fsuid` (what iptables'
-    /// owner match sees), for a connect from anywhere.
-    fn socket_as(&self, fsuid: u32) -> TcpSocket {
-        self.run_in(|| {
-            // The raw syscall changes only this thread's filesystem UID,
-            // which the socket file inherits; the thread ends right after.
-            // SAFETY: plain syscall, no memory involved.
-            unsafe { libc::syscall(libc::SYS_setfsuid, fsuid as libc::c_long) };
-            TcpSocket::new_v4().unwrap()
-        })
-    }
-
-    fn socket(&self) -> TcpSocket {
-        self.run_in(|| TcpSocket::new_v4().unwrap())
-    }
-
-    fn listen(&self, addr: &str) -> TcpListener {
-        let std = self.run_in(|| std::net::TcpListener::bind(addr).unwrap());
-        std.set_nonblocking(true).unwrap();
-        TcpListener::from_std(std).unwrap()
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
-
 /// Two namespaces joined by a veth pair: A = 10.79.0.1, B = 10.79.0.2.
 fn pods() -> (Netns, Netns) {
-    let a = Netns::new("a");
-    let b = Netns::new("b");
+    let a = Netns::new("tp-a");
+    let b = Netns::new("tp-b");
     let tag = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
     let (a_if, b_if) = (format!("ta{tag}"), format!("tb{tag}"));
     run(a.ip().args([
@@ -213,99 +119,13 @@ fn pods() -> (Netns, Netns) {
 // ---------------------------------------------------------------------------
 // Processes
 
-/// A child process whose output is collected line by line (so its pipes
-/// never fill up), killed and reaped on drop.
-struct Proc {
-    name: String,
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-}
-
-impl Proc {
-    fn spawn(name: &str, mut cmd: Command) -> Self {
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .env("RUST_LOG", "info,palisade_agent=debug")
-            .env("NO_COLOR", "1");
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        for out in [
-            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
-            Box::new(child.stderr.take().unwrap()),
-        ] {
-            let lines = lines.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(out).lines() {
-                    let Ok(line) = line else { return };
-                    lines.lock().push(line);
-                }
-            });
-        }
-        Self {
-            name: name.to_owned(),
-            child,
-            lines,
-        }
-    }
-
-    /// Waits for a line containing every one of `parts`.
-    async fn wait_for(&mut self, parts: &[&str]) -> String {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Some(line) = self
-                .lines
-                .lock()
-                .iter()
-                .find(|l| parts.iter().all(|p| l.contains(p)))
-            {
-                return line.clone();
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                std::thread::sleep(Duration::from_millis(100));
-                panic!("{} exited ({status}):\n{}", self.name, self.transcript());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} never logged {parts:?}:\n{}",
-                self.name,
-                self.transcript()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    fn transcript(&self) -> String {
-        self.lines.lock().join("\n")
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// `palisade-agent run --transparent` in `ns`, as UID/GID 2137, with the
 /// certificate `name` from `dir`; waits until both listeners are up.
 async fn start_agent(ns: &Netns, dir: &Path, name: &str, extra: &[&str]) -> Proc {
-    let mut cmd = Command::new(AGENT);
-    cmd.arg("run")
-        .arg("--transparent")
-        .args(extra)
-        .arg("--trust-bundle")
-        .arg(dir.join("ca.pem"))
-        .arg("--cert")
-        .arg(dir.join(format!("{name}.pem")))
-        .arg("--key")
-        .arg(dir.join(format!("{name}.key")))
-        .args(["--admin", ""])
-        .uid(PROXY_UID)
-        .gid(PROXY_UID);
-    let mut agent = ns.run_in(|| Proc::spawn(&format!("agent {name}"), cmd));
+    let mut cmd = agent_run(dir, name, &[&["--transparent"], extra].concat());
+    cmd.uid(PROXY_UID).gid(PROXY_UID);
+    let mut agent =
+        ns.run_in(|| Proc::spawn(&format!("agent {name}"), "info,palisade_agent=debug", cmd));
     agent.wait_for(&["inbound proxy listening"]).await;
     agent
         .wait_for(&["outbound proxy listening (transparent)"])
@@ -346,25 +166,15 @@ fn write_files(dir: &Path, ca: &TestCa) {
 /// B's app: HTTP/1.1, records each request's headers, answers "pod-b-app".
 fn serve_app(listener: TcpListener) -> Arc<Mutex<Vec<HeaderMap>>> {
     let seen = Arc::new(Mutex::new(Vec::new()));
-    let record = seen.clone();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let record = record.clone();
-            tokio::spawn(async move {
-                let service = service_fn(move |req: Request<Incoming>| {
-                    record.lock().push(req.headers().clone());
-                    async {
-                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(
-                            b"pod-b-app",
-                        ))))
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tcp), service)
-                    .await;
-            });
-        }
-    });
+    serve(
+        listener,
+        Http::H1,
+        seen.clone(),
+        |record: Arc<Mutex<Vec<HeaderMap>>>, req| {
+            record.lock().push(req.headers().clone());
+            async { Response::new(Full::new(Bytes::from_static(b"pod-b-app"))) }
+        },
+    );
     seen
 }
 
@@ -429,8 +239,8 @@ async fn transparent_mode_between_two_pods() {
     write_files(dir.path(), &ca);
 
     let plain_port = PLAIN_PORT.to_string();
-    pod_a.init(&["--pod-ip", POD_A]);
-    pod_b.init(&["--pod-ip", POD_B, "--exclude-inbound-ports", &plain_port]);
+    pod_a.agent_init(&["--pod-ip", POD_A]);
+    pod_b.agent_init(&["--pod-ip", POD_B, "--exclude-inbound-ports", &plain_port]);
 
     // B's apps: the meshed HTTP app and an unmeshed plain service.
     let seen = serve_app(pod_b.listen(&format!("0.0.0.0:{APP_PORT}")));

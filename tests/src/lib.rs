@@ -471,3 +471,84 @@ mod tests {
         assert_eq!(metric(text, "HELP"), None);
     }
 }
+
+/// Runs a test's `scenario`, failing it if it takes longer than `limit`.
+pub async fn within<F: std::future::Future>(limit: Duration, scenario: F) -> F::Output {
+    tokio::time::timeout(limit, scenario)
+        .await
+        .unwrap_or_else(|e| panic!("the scenario took longer than {} s: {e:?}", limit.as_secs()))
+}
+
+/// Polls `check` every 100 ms until it returns `Ok`; after `timeout`,
+/// panics with what `fail` makes of the last `Err`.
+pub async fn poll_until<T, E, Fut>(
+    timeout: Duration,
+    mut check: impl FnMut() -> Fut,
+    fail: impl FnOnce(E) -> String,
+) -> T
+where
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        let last = match check().await {
+            Ok(v) => return v,
+            Err(last) => last,
+        };
+        if Instant::now() >= deadline {
+            panic!("{}", fail(last));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// What a test app speaks.
+#[derive(Clone, Copy, Debug)]
+pub enum AppHttp {
+    /// HTTP/1.1 only.
+    H1,
+    /// HTTP/1.1 or h2c, whichever the client speaks.
+    Auto,
+}
+
+/// A test app on an ephemeral loopback port, served in the background:
+/// every request is answered by `handler(state.clone(), request)`. Its
+/// address.
+pub async fn serve_app<S, F, Fut, B>(http: AppHttp, state: S, handler: F) -> SocketAddr
+where
+    S: Clone + Send + Sync + 'static,
+    F: Fn(S, hyper::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = hyper::Response<B>> + Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (state, handler) = (state.clone(), handler.clone());
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let answer = handler(state.clone(), req);
+                    async move { Ok::<_, Infallible>(answer.await) }
+                });
+                let io = TokioIo::new(tcp);
+                // The app's side of a connection's end is of no interest.
+                match http {
+                    AppHttp::H1 => {
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(io, service)
+                            .await;
+                    }
+                    AppHttp::Auto => {
+                        let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                            .serve_connection(io, service)
+                            .await;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}

@@ -10,7 +10,6 @@
 
 mod fixtures;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
@@ -18,10 +17,8 @@ use std::time::Duration;
 
 use fixtures::{ORDERS, Pki, Req, WEB, compile_policy, sha256_hex};
 use http_body_util::Full;
-use hyper::body::{Bytes, Incoming};
-use hyper_util::rt::TokioIo;
-use palisade_e2e::{Proc, free_port, http_get, workspace_bin};
-use tokio::net::TcpListener;
+use hyper::body::Bytes;
+use palisade_e2e::{AppHttp, Proc, free_port, http_get, serve_app, workspace_bin};
 
 const ACME_KEY: &str = "acme-lifecycle-key-0123456789";
 const INITECH_KEY: &str = "initech-lifecycle-key-9876543210";
@@ -29,32 +26,19 @@ const INITECH_KEY: &str = "initech-lifecycle-key-9876543210";
 /// An HTTP/1.1 app that records the headers it got and answers `/…/slow`
 /// after 1.5 s.
 async fn slow_app() -> (SocketAddr, Arc<Mutex<Vec<http::HeaderMap>>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let seen = Arc::new(Mutex::new(Vec::new()));
-    let record = seen.clone();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let record = record.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
-                    let record = record.clone();
-                    async move {
-                        record.lock().unwrap().push(req.headers().clone());
-                        if req.uri().path().ends_with("/slow") {
-                            tokio::time::sleep(Duration::from_millis(1500)).await;
-                        }
-                        Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from_static(
-                            b"app",
-                        ))))
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tcp), service)
-                    .await;
-            });
-        }
-    });
+    let addr = serve_app(
+        AppHttp::H1,
+        seen.clone(),
+        |record: Arc<Mutex<Vec<http::HeaderMap>>>, req| async move {
+            record.lock().unwrap().push(req.headers().clone());
+            if req.uri().path().ends_with("/slow") {
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+            }
+            hyper::Response::new(Full::new(Bytes::from_static(b"app")))
+        },
+    )
+    .await;
     (addr, seen)
 }
 

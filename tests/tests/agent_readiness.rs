@@ -6,7 +6,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use palisade_e2e::{
-    OPERATOR_ID, Operator, Proc, ca_init, free_port, http_get, metric, workspace_bin, write_tokens,
+    OPERATOR_ID, Operator, Proc, ca_init, free_port, http_get, metric, poll_until, within,
+    workspace_bin, write_tokens,
 };
 
 const READY: &str = "palisade_identity_ready";
@@ -45,25 +46,25 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: not within {timeout:?}. Agent output:\n{}",
-            agent.transcript()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    poll_until(
+        timeout,
+        || {
+            let check = check();
+            async move { check.await.ok_or(()) }
+        },
+        |()| {
+            format!(
+                "{what}: not within {timeout:?}. Agent output:\n{}",
+                agent.transcript()
+            )
+        },
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_and_metrics_follow_the_real_operator() {
-    tokio::time::timeout(Duration::from_secs(90), scenario())
-        .await
-        .expect("the scenario took longer than 90 s");
+    within(Duration::from_secs(90), scenario()).await;
 }
 
 async fn scenario() {

@@ -18,6 +18,7 @@ mod fixtures;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fixtures::{Agent, Backend, Pki, RedisServer, Req, WEB, compile_policy};
+use palisade_e2e::within;
 
 /// The limit of every `/global/<algorithm>` route of `global.yaml`.
 const N: usize = 4;
@@ -34,9 +35,7 @@ fn window_index() -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_agents_share_global_limits_through_one_redis() {
-    tokio::time::timeout(Duration::from_secs(60), scenario())
-        .await
-        .expect("the scenario took longer than 60 s");
+    within(Duration::from_secs(60), scenario()).await;
 }
 
 async fn scenario() {

@@ -4,7 +4,6 @@
 //! with a certificate from the same operator. Editing the YAML changes what
 //! the agent enforces, with nothing restarted.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
@@ -12,15 +11,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use http_body_util::{Empty, Full};
-use hyper::body::{Bytes, Incoming};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper::body::Bytes;
 use palisade_agent::identity::{CertStore, IdentityClient, IdentityClientConfig, TokenSource};
 use palisade_agent::tls::{MeshTrust, SharedTrustBundle, TrustBundle};
 use palisade_e2e::{
-    OPERATOR_ID, Proc, TRUST_DOMAIN, ca_init, free_port, h2_connect, workspace_bin, write_tokens,
+    AppHttp, OPERATOR_ID, Proc, TRUST_DOMAIN, ca_init, free_port, h2_connect, poll_until,
+    serve_app, within, workspace_bin, write_tokens,
 };
 use palisade_policy::identity::SpiffeId;
-use tokio::net::TcpListener;
 
 const ORDERS: &str = "spiffe://cluster.local/ns/shop/sa/orders";
 const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
@@ -59,27 +57,17 @@ fn write_policy(dir: &Path, text: &str) {
 
 /// The app: answers 200 and records the path of every request it receives.
 async fn backend() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let seen = Arc::new(Mutex::new(Vec::new()));
-    let record = seen.clone();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let record = record.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
-                    record.lock().unwrap().push(req.uri().path().to_owned());
-                    async {
-                        Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from("app"))))
-                    }
-                });
-                // HTTP/1.1 or h2c: whichever the agent forwards with.
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tcp), svc)
-                    .await;
-            });
-        }
-    });
+    // HTTP/1.1 or h2c: whichever the agent forwards with.
+    let addr = serve_app(
+        AppHttp::Auto,
+        seen.clone(),
+        |record: Arc<Mutex<Vec<String>>>, req| {
+            record.lock().unwrap().push(req.uri().path().to_owned());
+            async { hyper::Response::new(Full::new(Bytes::from("app"))) }
+        },
+    )
+    .await;
     (addr, seen)
 }
 
@@ -124,28 +112,29 @@ impl Client {
 
     /// Polls until GET `path` answers `status`.
     async fn eventually(&self, path: &str, status: u16, agent: &Proc, operator: &Proc) {
-        let deadline = Instant::now() + STEP;
-        loop {
-            let got = self.get(path).await;
-            if got == Ok(status) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "GET {path}: wanted {status}, last {got:?}.\nAgent:\n{}\nOperator:\n{}",
-                agent.transcript(),
-                operator.transcript()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        poll_until(
+            STEP,
+            || async {
+                match self.get(path).await {
+                    Ok(got) if got == status => Ok(()),
+                    got => Err(got),
+                }
+            },
+            |got| {
+                format!(
+                    "GET {path}: wanted {status}, last {got:?}.\nAgent:\n{}\nOperator:\n{}",
+                    agent.transcript(),
+                    operator.transcript()
+                )
+            },
+        )
+        .await
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn editing_the_yaml_changes_what_the_agent_enforces() {
-    tokio::time::timeout(Duration::from_secs(60), scenario())
-        .await
-        .expect("the scenario took longer than 60 s");
+    within(Duration::from_secs(60), scenario()).await;
 }
 
 async fn scenario() {

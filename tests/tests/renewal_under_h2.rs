@@ -12,7 +12,7 @@ use palisade_agent::identity::{
 };
 use palisade_agent::tls::{MeshTrust, SharedTrustBundle, TrustBundle};
 use palisade_e2e::{
-    OPERATOR_ID, Operator, TRUST_DOMAIN, h2_connect, h2_get, start_h2_server, write_tokens,
+    OPERATOR_ID, Operator, TRUST_DOMAIN, h2_connect, h2_get, start_h2_server, within, write_tokens,
 };
 use palisade_policy::identity::SpiffeId;
 use tokio::sync::broadcast;
@@ -82,9 +82,7 @@ fn drain(events: &mut broadcast::Receiver<RenewalEvent>) -> (usize, Vec<String>)
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_http2_connection_outlives_several_renewals() {
-    tokio::time::timeout(Duration::from_secs(60), scenario())
-        .await
-        .expect("the scenario took longer than 60 s");
+    within(Duration::from_secs(60), scenario()).await;
 }
 
 async fn scenario() {

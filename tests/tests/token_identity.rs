@@ -12,7 +12,9 @@ use palisade_agent::identity::{
     TokenSource,
 };
 use palisade_agent::tls::{MeshTrust, SharedTrustBundle, TrustBundle};
-use palisade_e2e::{OPERATOR_ID, Operator, TRUST_DOMAIN, pem_encode, workspace_bin, write_tokens};
+use palisade_e2e::{
+    OPERATOR_ID, Operator, TRUST_DOMAIN, pem_encode, within, workspace_bin, write_tokens,
+};
 use palisade_policy::identity::SpiffeId;
 use serde_json::Value;
 
@@ -124,9 +126,7 @@ async fn certify_raw(operator: &Operator, token: &str, asked_for: &str) -> Vec<S
 
 #[tokio::test]
 async fn the_certificate_carries_the_tokens_identity() {
-    tokio::time::timeout(Duration::from_secs(60), scenario())
-        .await
-        .expect("the scenario took longer than 60 s");
+    within(Duration::from_secs(60), scenario()).await;
 }
 
 async fn scenario() {

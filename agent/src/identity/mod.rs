@@ -16,3 +16,6 @@ pub use key::{KeyError, WorkloadKey};
 pub use renew::{RenewalConfig, RenewalEvent, Renewer, renewal_delay};
 pub use status::{ExpiryGauge, Readiness};
 pub use store::{CertStore, IssuedCert, IssuedCertError};
+
+/// Also dials the operator for `Discovery.Watch` (DESIGN §5).
+pub(crate) use connector::OperatorConnector;

@@ -18,6 +18,49 @@
 //! Never panics on peer input: every failure becomes a logged connection
 //! close or a fixed deny body.
 
+/// `AsyncWrite` for an I/O wrapper that only looks at what is read
+/// ([`detect::Rewind`], [`limits::H1Guard`]): every write goes straight to
+/// its `inner`.
+macro_rules! write_through_to_inner {
+    ($wrapper:ident) => {
+        impl<IO: ::tokio::io::AsyncWrite + Unpin> ::tokio::io::AsyncWrite for $wrapper<IO> {
+            fn poll_write(
+                self: ::std::pin::Pin<&mut Self>,
+                cx: &mut ::std::task::Context<'_>,
+                buf: &[u8],
+            ) -> ::std::task::Poll<::std::io::Result<usize>> {
+                ::std::pin::Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+            }
+
+            fn poll_write_vectored(
+                self: ::std::pin::Pin<&mut Self>,
+                cx: &mut ::std::task::Context<'_>,
+                bufs: &[::std::io::IoSlice<'_>],
+            ) -> ::std::task::Poll<::std::io::Result<usize>> {
+                ::std::pin::Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+            }
+
+            fn is_write_vectored(&self) -> bool {
+                self.inner.is_write_vectored()
+            }
+
+            fn poll_flush(
+                self: ::std::pin::Pin<&mut Self>,
+                cx: &mut ::std::task::Context<'_>,
+            ) -> ::std::task::Poll<::std::io::Result<()>> {
+                ::std::pin::Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+            }
+
+            fn poll_shutdown(
+                self: ::std::pin::Pin<&mut Self>,
+                cx: &mut ::std::task::Context<'_>,
+            ) -> ::std::task::Poll<::std::io::Result<()>> {
+                ::std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+            }
+        }
+    };
+}
+
 pub mod body;
 pub mod detect;
 pub mod forward;
@@ -32,6 +75,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -480,17 +524,7 @@ where
         .h1
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
-    tokio::pin!(conn);
-    let result = tokio::select! {
-        r = conn.as_mut() => r,
-        () = drained(&mut drain) => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
-        }
-    };
-    if let Err(e) = result {
-        tracing::debug!(error = %e, "inbound HTTP/1 connection ended with an error");
-    }
+    serve_until_drained(conn, |c| c.graceful_shutdown(), &mut drain, "HTTP/1").await;
 }
 
 async fn serve_h2<IO>(shared: Arc<Shared>, io: IO, info: ConnInfo, mut drain: watch::Receiver<bool>)
@@ -499,16 +533,30 @@ where
 {
     let service = service(shared.clone(), info, None);
     let conn = shared.h2.serve_connection(TokioIo::new(io), service);
+    serve_until_drained(conn, |c| c.graceful_shutdown(), &mut drain, "HTTP/2").await;
+}
+
+/// Drives `conn` to its end; once the listener drains, asks it to finish
+/// gracefully (`graceful_shutdown`) and waits for that.
+async fn serve_until_drained<C, E>(
+    conn: C,
+    graceful_shutdown: impl FnOnce(Pin<&mut C>),
+    drain: &mut watch::Receiver<bool>,
+    protocol: &str,
+) where
+    C: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
     tokio::pin!(conn);
     let result = tokio::select! {
         r = conn.as_mut() => r,
-        () = drained(&mut drain) => {
-            conn.as_mut().graceful_shutdown();
+        () = drained(drain) => {
+            graceful_shutdown(conn.as_mut());
             conn.await
         }
     };
     if let Err(e) = result {
-        tracing::debug!(error = %e, "inbound HTTP/2 connection ended with an error");
+        tracing::debug!(error = %e, "inbound {protocol} connection ended with an error");
     }
 }
 

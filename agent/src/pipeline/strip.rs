@@ -156,7 +156,9 @@ fn list_members(value: &HeaderValue) -> impl Iterator<Item = &[u8]> {
         .filter(|m| !m.is_empty())
 }
 
-fn trim_ows(bytes: &[u8]) -> &[u8] {
+/// `bytes` without the optional whitespace (spaces and tabs, RFC 9110
+/// `OWS`) around it.
+pub(crate) fn trim_ows(bytes: &[u8]) -> &[u8] {
     let is_ows = |b: &u8| *b == b' ' || *b == b'\t';
     let start = bytes.iter().position(|b| !is_ows(b)).unwrap_or(bytes.len());
     let end = bytes

@@ -2,7 +2,10 @@
 //! a tokio-rustls echo server / client pair that report what the handshake did.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod backend;
+pub mod netns;
 pub mod operator;
+pub mod proc;
 
 use std::io;
 use std::net::SocketAddr;
@@ -22,6 +25,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+/// The agent binary under test.
+pub const AGENT: &str = env!("CARGO_BIN_EXE_palisade-agent");
 
 pub const TD: &str = "cluster.local";
 pub const ORDERS: &str = "spiffe://cluster.local/ns/shop/sa/orders";
