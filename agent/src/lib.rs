@@ -20,6 +20,8 @@
 //!   `RateLimit-*` / `Retry-After` response headers.
 //! - [`discovery`]: the policy stream from the operator (ACK/NACK, last
 //!   good policy kept while the operator is unreachable).
+//! - [`sidecar`]: all of the above assembled into the running sidecar
+//!   (`palisade-agent run`), with its graceful drain on SIGTERM.
 
 pub mod admin;
 pub mod audit;
@@ -33,4 +35,5 @@ pub mod orig_dst;
 pub mod outbound;
 pub mod pipeline;
 pub mod ratelimit;
+pub mod sidecar;
 pub mod tls;

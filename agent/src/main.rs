@@ -1,6 +1,7 @@
 //! `palisade-agent`: the Palisade sidecar. This file only parses flags and
 //! wires the library together.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,8 +13,13 @@ use palisade_agent::capture::{self, CaptureConfig, Iptables, Ipv4Cidr};
 use palisade_agent::identity::{
     CertStore, IdentityClient, IdentityClientConfig, RenewalConfig, Renewer, TokenSource,
 };
+use palisade_agent::outbound::UnmatchedPolicy;
 use palisade_agent::ratelimit::GlobalRateLimiterConfig;
 use palisade_agent::ratelimit::probe::{ProbeConfig, run_probe};
+use palisade_agent::sidecar::{
+    DiscoveryOptions, ExplicitListener, IdentityOrigin, OperatorEndpoint, PolicyOrigin, Sidecar,
+    SidecarOptions, TransparentPorts,
+};
 use palisade_agent::tls::{MeshTrust, SharedTrustBundle, TrustBundle};
 use palisade_policy::PolicyEngine;
 use palisade_policy::identity::SpiffeId;
@@ -74,7 +80,7 @@ struct RunArgs {
         value_parser = parse_inbound,
         value_name = "LISTEN=APP"
     )]
-    inbound: Option<(std::net::SocketAddr, std::net::SocketAddr)>,
+    inbound: Option<ExplicitListener>,
     /// Transparent mode, after `palisade-agent init` captured the pod's traffic: inbound on
     /// 0.0.0.0:--inbound-port, forwarding to each connection's original destination; outbound on
     /// 127.0.0.1:--outbound-port, tunnelling to each connection's original destination. Run the
@@ -91,7 +97,7 @@ struct RunArgs {
     /// accepted on LISTEN is tunnelled over mTLS to DEST, always; the server must be the identity
     /// --mesh-destination gives for DEST, else any identity of the trust domain (with a warning).
     #[arg(long, value_parser = parse_outbound, value_name = "LISTEN=DEST")]
-    outbound: Vec<(std::net::SocketAddr, std::net::SocketAddr)>,
+    outbound: Vec<ExplicitListener>,
     /// A meshed destination (repeatable): ADDR[/PREFIX][:PORT]=ID, ID a SPIFFE ID or `*` (any
     /// workload of the trust domain), e.g. 10.0.0.0/24:8443=spiffe://cluster.local/ns/shop/sa/orders.
     /// The most specific entry wins (longest prefix, then an entry with the port).
@@ -176,15 +182,24 @@ enum UnmatchedArg {
     Deny,
 }
 
-fn parse_outbound(text: &str) -> Result<(std::net::SocketAddr, std::net::SocketAddr), String> {
-    let (listen, dest) = text
+fn parse_inbound(text: &str) -> Result<ExplicitListener, String> {
+    parse_explicit_listener(text, "LISTEN=APP")
+}
+
+fn parse_outbound(text: &str) -> Result<ExplicitListener, String> {
+    parse_explicit_listener(text, "LISTEN=DEST")
+}
+
+/// `LISTEN=TARGET`, two socket addresses; `form` is the flag's form, as errors name it.
+fn parse_explicit_listener(text: &str, form: &str) -> Result<ExplicitListener, String> {
+    let (listen, target) = text
         .split_once('=')
-        .ok_or_else(|| format!("{text:?} is not LISTEN=DEST"))?;
-    let parse = |a: &str| {
-        a.parse::<std::net::SocketAddr>()
-            .map_err(|e| format!("{a:?}: {e}"))
-    };
-    Ok((parse(listen)?, parse(dest)?))
+        .ok_or_else(|| format!("{text:?} is not {form}"))?;
+    let parse = |a: &str| a.parse::<SocketAddr>().map_err(|e| format!("{a:?}: {e}"));
+    Ok(ExplicitListener {
+        listen: parse(listen)?,
+        target: parse(target)?,
+    })
 }
 
 fn parse_mesh_destination(
@@ -209,17 +224,6 @@ fn parse_app_protocol(text: &str) -> Result<(u16, palisade_agent::inbound::AppPr
         .parse::<u16>()
         .map_err(|e| format!("{port:?} is not a port: {e}"))?;
     Ok((port, protocol.parse()?))
-}
-
-fn parse_inbound(text: &str) -> Result<(std::net::SocketAddr, std::net::SocketAddr), String> {
-    let (listen, app) = text
-        .split_once('=')
-        .ok_or_else(|| format!("{text:?} is not LISTEN=APP"))?;
-    let parse = |a: &str| {
-        a.parse::<std::net::SocketAddr>()
-            .map_err(|e| format!("{a:?}: {e}"))
-    };
-    Ok((parse(listen)?, parse(app)?))
 }
 
 #[derive(clap::Args)]
@@ -460,21 +464,10 @@ fn init_tracing() {
 }
 
 async fn identity(args: IdentityArgs) -> anyhow::Result<()> {
-    let admin_addr: Option<std::net::SocketAddr> = match args.admin.trim() {
-        "" => None,
-        a => Some(
-            a.parse()
-                .with_context(|| format!("--admin {a:?} is not ADDR:PORT"))?,
-        ),
-    };
+    let admin_addr = parse_admin(&args.admin)?;
     let bundle = TrustBundle::from_pem_file(&args.trust_bundle)?;
     let trust = MeshTrust::new(SharedTrustBundle::new(bundle), &args.trust_domain)?;
-    let operator_id = args
-        .operator_id
-        .as_deref()
-        .map(SpiffeId::parse)
-        .transpose()
-        .context("--operator-id is not a workload SPIFFE ID")?;
+    let operator_id = parse_operator_id(args.operator_id.as_deref())?;
     if operator_id.is_none() {
         tracing::warn!(
             "no --operator-id: any workload of the trust domain could act as the operator"
@@ -506,304 +499,87 @@ async fn identity(args: IdentityArgs) -> anyhow::Result<()> {
     }
 }
 
-/// The discovery client for `run`: who we are (beyond the certificate) and
-/// where the policy goes.
-fn policy_watcher(
-    args: &RunArgs,
-    operator: &str,
-    ports: Vec<u16>,
-    trust: &MeshTrust,
-    store: &Arc<CertStore>,
-    policy: &palisade_agent::inbound::SharedPolicy,
-) -> anyhow::Result<palisade_agent::discovery::PolicyWatcher> {
-    use palisade_agent::discovery::{PolicyWatcher, PolicyWatcherConfig, WorkloadInfo};
-    let agent_instance_id = args.agent_instance_id.clone().unwrap_or_else(|| {
-        // Random per process: the operator tells restarts apart.
-        let bytes: [u8; 8] = rand::random();
-        bytes.iter().map(|b| format!("{b:02x}")).collect()
-    });
-    let workload = WorkloadInfo {
-        namespace: args.namespace.clone().filter(|n| !n.is_empty()),
-        service_account: args.service_account.clone(),
-        pod_name: args.pod_name.clone(),
-        labels: args.labels.iter().cloned().collect(),
-        ports,
-        agent_instance_id,
-    };
-    let mut config = PolicyWatcherConfig::new(operator, workload);
-    config.operator_id = args
-        .operator_id
-        .as_deref()
-        .map(SpiffeId::parse)
-        .transpose()
-        .context("--operator-id is not a workload SPIFFE ID")?;
-    PolicyWatcher::new(config, trust, store.clone(), policy.clone())
-        .context("policy stream configuration")
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    Sidecar::start(sidecar_options(args)?)
+        .await?
+        .run_until_signal()
+        .await
 }
 
-async fn run(args: RunArgs) -> anyhow::Result<()> {
-    // Thousands of connections need thousands of descriptors (see limits.rs).
-    match palisade_agent::limits::raise_nofile_limit() {
-        Ok(n) => tracing::debug!(nofile = n, "open-file limit raised to the hard limit"),
-        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
-    }
-    use palisade_agent::identity::IssuedCert;
-    use palisade_agent::inbound::{InboundConfig, InboundProxy, LoadedPolicy, SharedPolicy};
-    use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-
-    use palisade_agent::inbound::AppTarget;
-    use palisade_agent::outbound::{
-        DestinationTable, OutboundConfig, OutboundProxy, OutboundTarget, UnmatchedPolicy,
-    };
-    use std::net::{Ipv4Addr, SocketAddr};
-
-    let inbound_listener = match (args.inbound, args.transparent) {
-        (Some((listen, app)), _) => Some((listen, AppTarget::Fixed(app))),
-        (None, true) => Some((
-            SocketAddr::from((Ipv4Addr::UNSPECIFIED, args.inbound_port)),
-            AppTarget::OriginalDst,
-        )),
-        (None, false) => None,
-    };
-    if args.transparent {
-        use std::os::unix::fs::MetadataExt;
-        // `/proc/self` belongs to our effective UID. `init` exempts one UID
-        // (2137 unless --proxy-uid said otherwise) from capture; under any
-        // other, every connection the agent makes is redirected back to it.
-        if let Ok(meta) = std::fs::metadata("/proc/self")
-            && meta.uid() != 2137
-        {
-            tracing::warn!(
-                uid = meta.uid(),
-                "--transparent: running as a UID other than 2137; unless `init --proxy-uid` \
-                 names this UID, the agent's own connections are captured and loop"
-            );
-        }
-    }
-    let admin_addr: Option<std::net::SocketAddr> = match args.admin.trim() {
-        "" => None,
-        a => Some(
-            a.parse()
-                .with_context(|| format!("--admin {a:?} is not ADDR:PORT"))?,
-        ),
-    };
-    let bundle = TrustBundle::from_pem_file(&args.trust_bundle)?;
-    let trust = MeshTrust::new(SharedTrustBundle::new(bundle), &args.trust_domain)?;
-    let policy = SharedPolicy::default();
-    let policy_status = Arc::new(palisade_agent::discovery::PolicyStatus::new());
-    match &args.policy_file {
-        Some(path) => {
-            let bytes =
-                std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-            let wire = WorkloadPolicy::decode(bytes.as_slice()).context("not a WorkloadPolicy")?;
-            let loaded = LoadedPolicy::load(wire, Default::default())
-                .context("policy cannot be enforced")?;
-            tracing::info!(version = loaded.engine.version(), "policy loaded");
-            policy_status.set_file(loaded.engine.version());
-            policy.replace(loaded);
-        }
-        None if inbound_listener.is_some() && args.operator.is_none() => {
-            tracing::warn!("no --policy-file and no --operator: every request is denied")
-        }
-        None => {}
-    }
-    let store = Arc::new(CertStore::new());
-    let renewer = match (&args.cert, &args.key) {
-        (Some(cert), Some(key)) => {
-            let chain = CertificateDer::pem_file_iter(cert)
-                .with_context(|| format!("cannot read {}", cert.display()))?
-                .collect::<Result<Vec<_>, _>>()
-                .with_context(|| format!("{} is not PEM certificates", cert.display()))?;
-            let key_der = PrivateKeyDer::from_pem_file(key)
-                .with_context(|| format!("cannot read a PEM key from {}", key.display()))?;
-            let signing = trust
-                .provider()
-                .key_provider
-                .load_private_key(key_der)
-                .context("unusable private key")?;
-            store.install(IssuedCert::new(chain, signing, &args.trust_domain)?);
-            None
-        }
+fn sidecar_options(args: RunArgs) -> anyhow::Result<SidecarOptions> {
+    let admin = parse_admin(&args.admin)?;
+    let identity = match (args.cert, args.key) {
+        (Some(cert), Some(key)) => IdentityOrigin::Files { cert, key },
         _ => {
-            let (Some(operator), Some(token_file)) =
-                (args.operator.clone(), args.token_file.clone())
-            else {
+            let (Some(address), Some(token_file)) = (args.operator, args.token_file) else {
                 anyhow::bail!("--operator and --token-file (or --cert and --key) are required");
             };
-            let mut config = IdentityClientConfig::new(operator, TokenSource::File(token_file));
-            config.operator_id = args
-                .operator_id
-                .as_deref()
-                .map(SpiffeId::parse)
-                .transpose()
-                .context("--operator-id is not a workload SPIFFE ID")?;
-            let client = IdentityClient::new(config, trust.clone())?;
-            Some(Renewer::new(
-                client,
-                store.clone(),
-                RenewalConfig::default(),
-            ))
+            let id = parse_operator_id(args.operator_id.as_deref())?;
+            IdentityOrigin::Operator {
+                operator: OperatorEndpoint { address, id },
+                token_file,
+            }
         }
     };
     // Policy from the operator (DESIGN §5), unless --policy-file pins one.
-    // Until the first version arrives every request is denied.
-    if let (Some(operator), None, Some((_, app))) =
-        (&args.operator, &args.policy_file, &inbound_listener)
-    {
-        let ports = match app {
-            AppTarget::Fixed(a) => vec![a.port()],
-            // Transparent: any port may be the app's; every policy port applies.
-            _ => Vec::new(),
-        };
-        let watcher = policy_watcher(&args, operator, ports, &trust, &store, &policy)?
-            .with_status(policy_status.clone());
-        tracing::info!(%operator, "policy from the operator's discovery stream");
-        tokio::spawn(watcher.run());
-    }
-    let status = Arc::new(IdentityStatus::new(store.clone()));
-    if let Some(renewer) = &renewer {
-        tokio::spawn(status.clone().track(renewer.subscribe()));
-    }
-    let policy_required = args.policy_file.is_some() || args.operator.is_some();
-    let mut admin_state = admin::AdminState::new(status)
-        .with_policy(
-            policy.clone(),
-            inbound_listener.is_some() && policy_required,
-        )
-        .with_metrics(policy_status.clone());
-    let mut inbound_proxies = Vec::new();
-    if let Some((listen, app)) = inbound_listener {
-        let mut inbound = InboundConfig::new(app, trust.clone(), store.clone(), policy);
-        if let Some(url) = &args.ratelimit_redis {
-            let mut config = GlobalRateLimiterConfig::new(url.clone());
+    // --cert conflicts with --operator: with an operator, it is the identity's.
+    let policy = match (args.policy_file, &identity) {
+        (Some(path), _) => PolicyOrigin::File(path),
+        (None, IdentityOrigin::Operator { operator, .. }) => {
+            PolicyOrigin::Discovery(DiscoveryOptions {
+                operator: operator.clone(),
+                namespace: args.namespace.filter(|n| !n.is_empty()),
+                service_account: args.service_account,
+                pod_name: args.pod_name,
+                labels: args.labels.into_iter().collect(),
+                agent_instance_id: args.agent_instance_id,
+            })
+        }
+        (None, IdentityOrigin::Files { .. }) => PolicyOrigin::None,
+    };
+    Ok(SidecarOptions {
+        trust_bundle: args.trust_bundle,
+        trust_domain: args.trust_domain,
+        identity,
+        policy,
+        inbound: args.inbound,
+        transparent: args.transparent.then_some(TransparentPorts {
+            inbound: args.inbound_port,
+            outbound: args.outbound_port,
+        }),
+        outbound: args.outbound,
+        mesh_destinations: args.mesh_destination,
+        outbound_unmatched: match args.outbound_unmatched {
+            UnmatchedArg::Passthrough => UnmatchedPolicy::Passthrough,
+            UnmatchedArg::Deny => UnmatchedPolicy::Deny,
+        },
+        outbound_detect_timeout: Duration::from_millis(args.outbound_detect_timeout_ms),
+        outbound_connect_timeout: Duration::from_millis(args.outbound_connect_timeout_ms),
+        admin,
+        global_rate_limits: args.ratelimit_redis.map(|url| {
+            let mut config = GlobalRateLimiterConfig::new(url);
             config.timeout = Duration::from_millis(args.ratelimit_timeout_ms);
-            let limiter = palisade_agent::ratelimit::GlobalRateLimiter::new(&config)
-                .with_context(|| format!("--ratelimit-redis {url:?}"))?;
-            admin_state = admin_state.with_metrics(limiter.metrics().clone());
-            inbound.global_limits = Some(Arc::new(limiter));
-        }
-        for port in &args.opaque_ports {
-            inbound
-                .port_protocols
-                .insert(*port, palisade_agent::inbound::PortProtocol::Opaque);
-        }
-        inbound
-            .app_protocols
-            .extend(args.app_protocol.iter().copied());
-        inbound.drain_timeout = Duration::from_secs(args.drain_timeout);
-        let proxy = InboundProxy::bind(listen, inbound)
-            .await
-            .with_context(|| format!("cannot listen on {listen} (--inbound)"))?;
-        tracing::info!(listen = %proxy.local_addr()?, app = ?app, "inbound proxy listening");
-        admin_state = admin_state.with_metrics(Arc::new(proxy.stats()));
-        inbound_proxies.push(proxy);
-    }
+            config
+        }),
+        opaque_ports: args.opaque_ports,
+        app_protocols: args.app_protocol,
+        drain_timeout: Duration::from_secs(args.drain_timeout),
+    })
+}
 
-    // Outbound: one listener per --outbound, plus the transparent one; all
-    // share the destination table and the metrics.
-    let mut table = DestinationTable::new();
-    for entry in args.mesh_destination {
-        table.insert(entry).context("--mesh-destination")?;
+/// `--admin`: ADDR:PORT, or '' for no admin endpoint.
+fn parse_admin(text: &str) -> anyhow::Result<Option<SocketAddr>> {
+    match text.trim() {
+        "" => Ok(None),
+        a => a
+            .parse()
+            .map(Some)
+            .with_context(|| format!("--admin {a:?} is not ADDR:PORT")),
     }
-    let mut outbound = OutboundConfig::new(trust, store, table);
-    admin_state = admin_state.with_metrics(outbound.metrics.clone());
-    outbound.unmatched = match args.outbound_unmatched {
-        UnmatchedArg::Passthrough => UnmatchedPolicy::Passthrough,
-        UnmatchedArg::Deny => UnmatchedPolicy::Deny,
-    };
-    outbound.detect_timeout = Duration::from_millis(args.outbound_detect_timeout_ms);
-    outbound.connect_timeout = Duration::from_millis(args.outbound_connect_timeout_ms);
-    let mut outbound_listeners: Vec<(SocketAddr, OutboundTarget)> = args
-        .outbound
-        .iter()
-        .map(|(listen, dest)| (*listen, OutboundTarget::Fixed(*dest)))
-        .collect();
-    if args.transparent {
-        outbound_listeners.push((
-            SocketAddr::from((Ipv4Addr::LOCALHOST, args.outbound_port)),
-            OutboundTarget::OriginalDst,
-        ));
-    }
-    let mut outbound_proxies = Vec::new();
-    for (listen, target) in outbound_listeners {
-        let proxy = OutboundProxy::bind(listen, target, outbound.clone())
-            .await
-            .with_context(|| format!("outbound listener {listen}"))?;
-        let bound = proxy.local_addr()?;
-        match proxy.fixed_destination() {
-            Some((dest, expected)) => {
-                tracing::info!(listen = %bound, %dest, %expected, "outbound proxy listening")
-            }
-            None => tracing::info!(
-                listen = %bound,
-                destinations = outbound.destinations.entries().len(),
-                unmatched = ?outbound.unmatched,
-                "outbound proxy listening (transparent)"
-            ),
-        }
-        outbound_proxies.push(proxy);
-    }
+}
 
-    // Everything is bound: serve the admin endpoint, then the proxies.
-    let admin_state = Arc::new(admin_state.with_runtime(serde_json::json!({
-        "inbound": args.inbound.map(|(l, a)| format!("{l}={a}")),
-        "transparent": args.transparent,
-        "outbound": args.outbound.iter().map(|(l, d)| format!("{l}={d}")).collect::<Vec<_>>(),
-        "policy_source": if args.policy_file.is_some() { "file" } else if args.operator.is_some() { "discovery" } else { "none" },
-        "global_rate_limits": args.ratelimit_redis.is_some(),
-        "opaque_ports": args.opaque_ports,
-    })));
-    if let Some(addr) = admin_addr {
-        let listener = admin::bind(addr)
-            .await
-            .with_context(|| format!("cannot listen on {addr} (--admin)"))?;
-        tokio::spawn(admin::serve_state(listener, admin_state.clone()));
-    }
-    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
-    let mut proxies = tokio::task::JoinSet::new();
-    for proxy in inbound_proxies {
-        let mut rx = shutdown_rx.clone();
-        proxies.spawn(proxy.run_until(async move {
-            let _ = rx.wait_for(|stop| *stop).await;
-        }));
-    }
-    for proxy in outbound_proxies {
-        let mut rx = shutdown_rx.clone();
-        // Outbound tunnels carry no request boundary: stop accepting, and let
-        // the process exit end them once the inbound side has drained.
-        proxies.spawn(async move {
-            tokio::select! {
-                () = proxy.run() => {}
-                _ = rx.wait_for(|stop| *stop) => {}
-            }
-        });
-    }
-    let renew = async {
-        match renewer {
-            Some(r) => r.run().await,
-            None => std::future::pending().await,
-        }
-    };
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("cannot listen for SIGTERM")?;
-    tokio::select! {
-        Some(done) = proxies.join_next() => {
-            done.context("a proxy stopped")?;
-            return Ok(());
-        }
-        () = renew => return Ok(()),
-        signal = tokio::signal::ctrl_c() => {
-            signal.context("cannot listen for Ctrl-C")?;
-            tracing::info!("interrupted; draining");
-        }
-        _ = sigterm.recv() => tracing::info!("SIGTERM; draining"),
-    }
-    // Graceful shutdown: not ready any more, no new connections, in-flight
-    // requests finish within --drain-timeout (each inbound proxy enforces it).
-    admin_state.start_draining();
-    let _ = shutdown_tx.send(true);
-    while proxies.join_next().await.is_some() {}
-    tracing::info!("drained; exiting");
-    Ok(())
+fn parse_operator_id(text: Option<&str>) -> anyhow::Result<Option<SpiffeId>> {
+    text.map(SpiffeId::parse)
+        .transpose()
+        .context("--operator-id is not a workload SPIFFE ID")
 }

@@ -1,0 +1,356 @@
+//! The whole sidecar, assembled (what `palisade-agent run` starts): the
+//! workload certificate ([`IdentityOrigin`]), the policy ([`PolicyOrigin`]),
+//! the inbound proxy, the outbound proxies and their destination table, the
+//! admin endpoint, and a graceful drain on SIGTERM.
+//!
+//! [`Sidecar::start`] binds every listener (so a bad address fails at once)
+//! and starts serving; [`Sidecar::run_until_signal`] runs until a proxy or
+//! the certificate renewer stops, or until SIGTERM / Ctrl-C, then drains.
+//! [`SidecarOptions`] mirrors the `run` flags one to one, and errors name
+//! the flag at fault.
+
+mod identity_origin;
+mod policy_origin;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::admin::{self, AdminState, IdentityStatus};
+use crate::discovery::PolicyStatus;
+use crate::identity::{CertStore, Renewer};
+use crate::inbound::{
+    AppProtocol, AppTarget, InboundConfig, InboundProxy, PortProtocol, SharedPolicy,
+};
+use crate::outbound::{
+    DestinationEntry, DestinationTable, OutboundConfig, OutboundProxy, OutboundTarget,
+    UnmatchedPolicy,
+};
+use crate::ratelimit::{GlobalRateLimiter, GlobalRateLimiterConfig};
+use crate::tls::{MeshTrust, SharedTrustBundle, TrustBundle};
+
+pub use identity_origin::{IdentityOrigin, IdentityOriginError, OperatorEndpoint};
+pub use policy_origin::{DiscoveryOptions, PolicyFileError, PolicyOrigin};
+
+/// The UID `palisade-agent init` exempts from capture by default.
+const DEFAULT_PROXY_UID: u32 = 2137;
+
+/// Explicit mode: accept on `listen`, forward to `target` (the app for the
+/// inbound proxy, the destination for an outbound one).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExplicitListener {
+    pub listen: SocketAddr,
+    pub target: SocketAddr,
+}
+
+/// Transparent mode (after `palisade-agent init`): the listener ports the
+/// capture rules redirect to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TransparentPorts {
+    /// Inbound on `0.0.0.0:inbound`, to each connection's original destination.
+    pub inbound: u16,
+    /// Outbound on `127.0.0.1:outbound`, to each connection's original destination.
+    pub outbound: u16,
+}
+
+/// Everything [`Sidecar::start`] needs (the `palisade-agent run` flags).
+#[derive(Clone, Debug)]
+pub struct SidecarOptions {
+    /// PEM trust anchors peers (and the operator) must chain to.
+    pub trust_bundle: std::path::PathBuf,
+    pub trust_domain: String,
+    pub identity: IdentityOrigin,
+    pub policy: PolicyOrigin,
+    /// Explicit inbound; wins over `transparent`'s inbound listener.
+    pub inbound: Option<ExplicitListener>,
+    /// Transparent inbound and outbound listeners.
+    pub transparent: Option<TransparentPorts>,
+    /// Explicit outbound listeners, always meshed.
+    pub outbound: Vec<ExplicitListener>,
+    /// The meshed destinations and the identity each must present.
+    pub mesh_destinations: Vec<DestinationEntry>,
+    /// Transparent mode: connections to destinations no entry covers.
+    pub outbound_unmatched: UnmatchedPolicy,
+    /// How long the outbound proxy waits for the app's first bytes to pick ALPN.
+    pub outbound_detect_timeout: Duration,
+    /// Longest the outbound proxy's TCP connect to a destination may take.
+    pub outbound_connect_timeout: Duration,
+    /// `/healthz`, `/readyz`, `/metrics`; `None`: no admin endpoint.
+    pub admin: Option<SocketAddr>,
+    /// The Redis shared for `scope: global` rate limits; `None`: every
+    /// global limit acts as its `failureMode` says.
+    pub global_rate_limits: Option<GlobalRateLimiterConfig>,
+    /// App ports proxied as opaque TCP.
+    pub opaque_ports: Vec<u16>,
+    /// App ports whose protocol is pinned instead of following the client's.
+    pub app_protocols: Vec<(u16, AppProtocol)>,
+    /// On shutdown, how long in-flight inbound requests may take to finish.
+    pub drain_timeout: Duration,
+}
+
+/// A started sidecar: every listener bound and serving.
+pub struct Sidecar {
+    admin: Arc<AdminState>,
+    proxies: JoinSet<()>,
+    shutdown: watch::Sender<bool>,
+    /// `None` with a certificate from files.
+    renewer: Option<Renewer>,
+}
+
+impl Sidecar {
+    /// Loads the trust bundle, the certificate and the policy, binds the
+    /// proxies and the admin endpoint, and starts serving. Also raises the
+    /// process's open-file limit (thousands of connections need thousands
+    /// of descriptors). Certificate renewal runs in
+    /// [`run_until_signal`](Self::run_until_signal).
+    pub async fn start(options: SidecarOptions) -> anyhow::Result<Self> {
+        match crate::limits::raise_nofile_limit() {
+            Ok(n) => tracing::debug!(nofile = n, "open-file limit raised to the hard limit"),
+            Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+        }
+        let inbound_listener = match (options.inbound, options.transparent) {
+            (Some(explicit), _) => Some((explicit.listen, AppTarget::Fixed(explicit.target))),
+            (None, Some(ports)) => Some((
+                SocketAddr::from((Ipv4Addr::UNSPECIFIED, ports.inbound)),
+                AppTarget::OriginalDst,
+            )),
+            (None, None) => None,
+        };
+        if options.transparent.is_some() {
+            warn_unless_proxy_uid();
+        }
+        let bundle = TrustBundle::from_pem_file(&options.trust_bundle)?;
+        let trust = MeshTrust::new(SharedTrustBundle::new(bundle), &options.trust_domain)?;
+
+        let policy = SharedPolicy::default();
+        let policy_status = Arc::new(PolicyStatus::new());
+        match &options.policy {
+            PolicyOrigin::File(path) => {
+                let loaded = policy_origin::load_policy_file(path)?;
+                tracing::info!(version = loaded.engine.version(), "policy loaded");
+                policy_status.set_file(loaded.engine.version());
+                policy.replace(loaded);
+            }
+            PolicyOrigin::None if inbound_listener.is_some() => {
+                tracing::warn!("no --policy-file and no --operator: every request is denied")
+            }
+            PolicyOrigin::None | PolicyOrigin::Discovery(_) => {}
+        }
+        let store = Arc::new(CertStore::new());
+        let renewer = options
+            .identity
+            .provision(&trust, &options.trust_domain, &store)?;
+        // Until the first version arrives from the operator every request
+        // is denied.
+        if let (PolicyOrigin::Discovery(discovery), Some((_, app))) =
+            (&options.policy, &inbound_listener)
+        {
+            let ports = match app {
+                AppTarget::Fixed(a) => vec![a.port()],
+                // Transparent: any port may be the app's; every policy port applies.
+                _ => Vec::new(),
+            };
+            let watcher = discovery
+                .watcher(ports, &trust, &store, &policy)
+                .context("policy stream configuration")?
+                .with_status(policy_status.clone());
+            let operator = &discovery.operator.address;
+            tracing::info!(%operator, "policy from the operator's discovery stream");
+            tokio::spawn(watcher.run());
+        }
+
+        let status = Arc::new(IdentityStatus::new(store.clone()));
+        if let Some(renewer) = &renewer {
+            tokio::spawn(status.clone().track(renewer.subscribe()));
+        }
+        let policy_required = !matches!(options.policy, PolicyOrigin::None);
+        let mut admin_state = AdminState::new(status)
+            .with_policy(
+                policy.clone(),
+                inbound_listener.is_some() && policy_required,
+            )
+            .with_metrics(policy_status.clone());
+
+        let mut inbound_proxies = Vec::new();
+        if let Some((listen, app)) = inbound_listener {
+            let mut inbound = InboundConfig::new(app, trust.clone(), store.clone(), policy);
+            if let Some(config) = &options.global_rate_limits {
+                let limiter = GlobalRateLimiter::new(config)
+                    .with_context(|| format!("--ratelimit-redis {:?}", config.url))?;
+                admin_state = admin_state.with_metrics(limiter.metrics().clone());
+                inbound.global_limits = Some(Arc::new(limiter));
+            }
+            for port in &options.opaque_ports {
+                inbound.port_protocols.insert(*port, PortProtocol::Opaque);
+            }
+            inbound
+                .app_protocols
+                .extend(options.app_protocols.iter().copied());
+            inbound.drain_timeout = options.drain_timeout;
+            let proxy = InboundProxy::bind(listen, inbound)
+                .await
+                .with_context(|| format!("cannot listen on {listen} (--inbound)"))?;
+            tracing::info!(listen = %proxy.local_addr()?, app = ?app, "inbound proxy listening");
+            admin_state = admin_state.with_metrics(Arc::new(proxy.stats()));
+            inbound_proxies.push(proxy);
+        }
+
+        // Outbound: one listener per explicit one, plus the transparent one;
+        // all share the destination table and the metrics.
+        let mut table = DestinationTable::new();
+        for entry in options.mesh_destinations {
+            table.insert(entry).context("--mesh-destination")?;
+        }
+        let mut outbound = OutboundConfig::new(trust, store, table);
+        admin_state = admin_state.with_metrics(outbound.metrics.clone());
+        outbound.unmatched = options.outbound_unmatched;
+        outbound.detect_timeout = options.outbound_detect_timeout;
+        outbound.connect_timeout = options.outbound_connect_timeout;
+        let mut outbound_listeners: Vec<(SocketAddr, OutboundTarget)> = options
+            .outbound
+            .iter()
+            .map(|explicit| (explicit.listen, OutboundTarget::Fixed(explicit.target)))
+            .collect();
+        if let Some(ports) = options.transparent {
+            outbound_listeners.push((
+                SocketAddr::from((Ipv4Addr::LOCALHOST, ports.outbound)),
+                OutboundTarget::OriginalDst,
+            ));
+        }
+        let outbound_proxies = bind_outbound(outbound_listeners, &outbound).await?;
+
+        // Everything is bound: serve the admin endpoint, then the proxies.
+        let admin_state = Arc::new(admin_state.with_runtime(serde_json::json!({
+            "inbound": options.inbound.map(|i| format!("{}={}", i.listen, i.target)),
+            "transparent": options.transparent.is_some(),
+            "outbound": options.outbound.iter().map(|o| format!("{}={}", o.listen, o.target)).collect::<Vec<_>>(),
+            "policy_source": options.policy.kind().as_str(),
+            "global_rate_limits": options.global_rate_limits.is_some(),
+            "opaque_ports": options.opaque_ports,
+        })));
+        if let Some(addr) = options.admin {
+            let listener = admin::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (--admin)"))?;
+            tokio::spawn(admin::serve_state(listener, admin_state.clone()));
+        }
+        let (proxies, shutdown) = serve(inbound_proxies, outbound_proxies);
+        Ok(Self {
+            admin: admin_state,
+            proxies,
+            shutdown,
+            renewer,
+        })
+    }
+
+    /// Renews the certificate and serves until a proxy or the renewer stops
+    /// (then returns at once), or until SIGTERM or Ctrl-C: then not ready any
+    /// more, no new connections, and in-flight inbound requests finish
+    /// within the drain timeout.
+    pub async fn run_until_signal(mut self) -> anyhow::Result<()> {
+        let renewer = self.renewer.take();
+        let renew = async move {
+            match renewer {
+                Some(r) => r.run().await,
+                None => std::future::pending().await,
+            }
+        };
+        let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("cannot listen for SIGTERM")?;
+        tokio::select! {
+            Some(done) = self.proxies.join_next() => {
+                done.context("a proxy stopped")?;
+                return Ok(());
+            }
+            () = renew => return Ok(()),
+            signal = tokio::signal::ctrl_c() => {
+                signal.context("cannot listen for Ctrl-C")?;
+                tracing::info!("interrupted; draining");
+            }
+            _ = sigterm.recv() => tracing::info!("SIGTERM; draining"),
+        }
+        // Graceful shutdown: not ready any more, no new connections, in-flight
+        // requests finish within the drain timeout (each inbound proxy enforces it).
+        self.admin.start_draining();
+        let _ = self.shutdown.send(true);
+        while self.proxies.join_next().await.is_some() {}
+        tracing::info!("drained; exiting");
+        Ok(())
+    }
+}
+
+/// Binds the outbound listeners, all sharing `config`, and logs each.
+async fn bind_outbound(
+    listeners: Vec<(SocketAddr, OutboundTarget)>,
+    config: &OutboundConfig,
+) -> anyhow::Result<Vec<OutboundProxy>> {
+    let mut proxies = Vec::new();
+    for (listen, target) in listeners {
+        let proxy = OutboundProxy::bind(listen, target, config.clone())
+            .await
+            .with_context(|| format!("outbound listener {listen}"))?;
+        let bound = proxy.local_addr()?;
+        match proxy.fixed_destination() {
+            Some((dest, expected)) => {
+                tracing::info!(listen = %bound, %dest, %expected, "outbound proxy listening")
+            }
+            None => tracing::info!(
+                listen = %bound,
+                destinations = config.destinations.entries().len(),
+                unmatched = ?config.unmatched,
+                "outbound proxy listening (transparent)"
+            ),
+        }
+        proxies.push(proxy);
+    }
+    Ok(proxies)
+}
+
+/// Serves every proxy as a task; sending `true` on the returned channel
+/// starts the drain.
+fn serve(
+    inbound_proxies: Vec<InboundProxy>,
+    outbound_proxies: Vec<OutboundProxy>,
+) -> (JoinSet<()>, watch::Sender<bool>) {
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let mut proxies = JoinSet::new();
+    for proxy in inbound_proxies {
+        let mut rx = shutdown_rx.clone();
+        proxies.spawn(proxy.run_until(async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }));
+    }
+    for proxy in outbound_proxies {
+        let mut rx = shutdown_rx.clone();
+        // Outbound tunnels carry no request boundary: stop accepting, and let
+        // the process exit end them once the inbound side has drained.
+        proxies.spawn(async move {
+            tokio::select! {
+                () = proxy.run() => {}
+                _ = rx.wait_for(|stop| *stop) => {}
+            }
+        });
+    }
+    (proxies, shutdown)
+}
+
+/// Transparent mode: `init` exempts one UID ([`DEFAULT_PROXY_UID`] unless
+/// `--proxy-uid` said otherwise) from capture; under any other, every
+/// connection the agent makes is redirected back to it.
+fn warn_unless_proxy_uid() {
+    use std::os::unix::fs::MetadataExt;
+    // `/proc/self` belongs to our effective UID.
+    if let Ok(meta) = std::fs::metadata("/proc/self")
+        && meta.uid() != DEFAULT_PROXY_UID
+    {
+        tracing::warn!(
+            uid = meta.uid(),
+            "--transparent: running as a UID other than 2137; unless `init --proxy-uid` \
+             names this UID, the agent's own connections are captured and loop"
+        );
+    }
+}
