@@ -616,14 +616,21 @@ async fn serve_request(
         Some((status, reason)) => {
             let rid = ensure_request_id(req.headers_mut(), info.peer.is_some());
             let rid = rid.to_str().unwrap_or_default();
-            tracing::info!(
-                request_id = rid,
-                peer = %info.peer_addr,
-                identity = info.peer.as_ref().map(|(id, _)| id.as_str()),
-                status,
+            let policy = shared.config.policy.current();
+            let engine = policy.as_ref().map(|p| &p.engine);
+            crate::audit::AuditEvent {
+                request_id: rid,
+                source_identity: info.peer.as_ref().map(|(id, _)| id.as_str()),
+                source_ip: Some(info.peer_addr),
+                destination_workload: engine.map_or("", |e| e.policy().workload.as_str()),
+                policy_version: engine.map_or("", |e| e.version()),
+                method: req.method().as_str(),
+                allowed: false,
                 reason,
-                "request refused before the pipeline"
-            );
+                status,
+                ..Default::default()
+            }
+            .record(0);
             deny_response(status, rid, false).map(request::full)
         }
         None => request::handle(shared, info, req).await,

@@ -51,6 +51,51 @@ pub enum OpaqueDenied {
     Rule,
 }
 
+impl OpaqueDenied {
+    /// The stable reason code of the audit record.
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::NoPolicy => "policy.none",
+            Self::NoIdentity => "opaque.no_identity",
+            Self::IpFilter => "opaque.ip_filter",
+            Self::DefaultDeny => "opaque.default_deny",
+            Self::Rule => "opaque.rule",
+        }
+    }
+}
+
+/// The audit record of one opaque connection (DESIGN §7: every decision).
+fn audit(
+    policy: Option<&crate::inbound::LoadedPolicy>,
+    info: &ConnInfo,
+    allowed: bool,
+    reason: &str,
+    started: std::time::Instant,
+) {
+    let connection_id = crate::pipeline::request_id::generate();
+    let (workload, version, sample) = policy.map_or(("", "", 0), |p| {
+        let wp = p.engine.policy();
+        (
+            wp.workload.as_str(),
+            p.engine.version(),
+            wp.audit.as_ref().map_or(0, |a| a.sample_percent),
+        )
+    });
+    crate::audit::AuditEvent {
+        request_id: connection_id.to_str().unwrap_or_default(),
+        source_identity: info.peer.as_ref().map(|(id, _)| id.as_str()),
+        source_ip: Some(info.peer_addr),
+        destination_workload: workload,
+        policy_version: version,
+        method: "TCP",
+        allowed,
+        reason,
+        latency: started.elapsed(),
+        ..Default::default()
+    }
+    .record(sample);
+}
+
 /// The identity-level decision for an opaque connection on `port`.
 pub fn authorize(
     policy: Option<&wire::WorkloadPolicy>,
@@ -140,6 +185,7 @@ pub(crate) async fn proxy<IO>(shared: Arc<Shared>, mut client: IO, info: ConnInf
 where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
+    let started = std::time::Instant::now();
     let policy = shared.config.policy.current();
     let peer = info.peer.as_ref().map(|(id, _)| id);
     if let Err(why) = authorize(
@@ -155,6 +201,7 @@ where
             reason = %why,
             "opaque connection refused"
         );
+        audit(policy.as_deref(), &info, false, why.code(), started);
         return;
     }
     let connect = TcpStream::connect(info.app);
@@ -162,10 +209,24 @@ where
         Ok(Ok(app)) => app,
         Ok(Err(e)) => {
             tracing::warn!(app = %info.app, error = %e, "app unreachable (opaque)");
+            audit(
+                policy.as_deref(),
+                &info,
+                false,
+                "upstream.unreachable",
+                started,
+            );
             return;
         }
         Err(_) => {
             tracing::warn!(app = %info.app, "connecting to the app timed out (opaque)");
+            audit(
+                policy.as_deref(),
+                &info,
+                false,
+                "upstream.unreachable",
+                started,
+            );
             return;
         }
     };
@@ -174,6 +235,7 @@ where
         Ok((up, down)) => tracing::debug!(up, down, "opaque connection closed"),
         Err(e) => tracing::debug!(error = %e, "opaque connection ended with an error"),
     }
+    audit(policy.as_deref(), &info, true, "opaque.allowed", started);
 }
 
 #[cfg(test)]
