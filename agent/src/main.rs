@@ -174,6 +174,10 @@ struct RunArgs {
     /// On SIGTERM, how long in-flight requests may take to finish, in seconds.
     #[arg(long, default_value_t = 20, value_name = "SECONDS")]
     drain_timeout: u64,
+    /// An app health endpoint the kubelet probes through the admin port as
+    /// /app-health/NAME: NAME=HOST:PORT/PATH, e.g. ready=127.0.0.1:8080/healthz (repeatable).
+    #[arg(long, value_name = "NAME=HOST:PORT/PATH")]
+    app_probe: Vec<palisade_agent::admin::app_probe::AppProbe>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -564,6 +568,7 @@ fn sidecar_options(args: RunArgs) -> anyhow::Result<SidecarOptions> {
         opaque_ports: args.opaque_ports,
         app_protocols: args.app_protocol,
         drain_timeout: Duration::from_secs(args.drain_timeout),
+        app_probes: args.app_probe,
     })
 }
 

@@ -73,6 +73,10 @@ async fn admin_audit_and_graceful_shutdown() {
         .arg(&key)
         .arg("--admin")
         .arg(admin.to_string())
+        .arg("--app-probe")
+        .arg(format!("ready={app}/healthz"))
+        .arg("--app-probe")
+        .arg(format!("gone={}/", free_port()))
         .arg("--drain-timeout")
         .arg("10")
         .env_remove("PALISADE_RATELIMIT_REDIS")
@@ -110,6 +114,20 @@ async fn admin_audit_and_graceful_shutdown() {
     assert!(!text.contains(&acme_hash), "the hash leaked: {text}");
     assert!(!text.contains(ACME_KEY));
     assert_eq!(dump["runtime"]["policy_source"], "file");
+
+    // Kubelet probes through the admin port reach only the configured path.
+    let (code, _) = http_get(admin, "/app-health/ready").await.unwrap();
+    assert_eq!(code, 200);
+    let (code, _) = http_get(admin, "/app-health/gone").await.unwrap();
+    assert_eq!(code, 503, "an app that is not listening fails the probe");
+    let (code, _) = http_get(admin, "/app-health/admin").await.unwrap();
+    assert_eq!(code, 404, "no probe of that name");
+    {
+        let mut seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 1, "exactly the one probe reached the app");
+        assert!(seen[0].get("x-forwarded-client-cert").is_none());
+        seen.clear();
+    }
 
     // A verified API key reaches the policy, not the app.
     let client = pki.client(WEB);

@@ -90,6 +90,8 @@ pub struct SidecarOptions {
     pub app_protocols: Vec<(u16, AppProtocol)>,
     /// On shutdown, how long in-flight inbound requests may take to finish.
     pub drain_timeout: Duration,
+    /// App health endpoints the kubelet reaches through `/app-health/<name>`.
+    pub app_probes: Vec<crate::admin::app_probe::AppProbe>,
 }
 
 /// A started sidecar: every listener bound and serving.
@@ -169,6 +171,7 @@ impl Sidecar {
         }
         let policy_required = !matches!(options.policy, PolicyOrigin::None);
         let mut admin_state = AdminState::new(status)
+            .with_app_probes(options.app_probes.clone())
             .with_policy(
                 policy.clone(),
                 inbound_listener.is_some() && policy_required,
