@@ -418,3 +418,72 @@ async fn body_rules_are_enforced_per_request_not_refused_wholesale() {
     let (status, _, _) = s.get("/b", &[]).await;
     assert_eq!(status, 200);
 }
+
+/// A new policy version is swapped in atomically: a request already past the
+/// decision finishes on the version it started with, the next one is
+/// decided by the new version.
+#[tokio::test]
+async fn a_policy_swap_applies_to_new_requests_while_in_flight_ones_finish_on_the_old() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::sync::Notify;
+
+    // The app holds every request until the test releases it.
+    #[derive(Clone, Default)]
+    struct Gate {
+        arrived: Arc<AtomicUsize>,
+        release: Arc<Notify>,
+    }
+    let gate = Gate::default();
+    let app = serve(
+        loopback().await,
+        Http::H1,
+        gate.clone(),
+        |gate: Gate, _req| async move {
+            gate.arrived.fetch_add(1, Ordering::SeqCst);
+            gate.release.notified().await;
+            Response::new(Full::new(Bytes::from_static(b"app")))
+        },
+    );
+    let ca = TestCa::new("mesh root");
+    let trust = trust(&[&ca]);
+    let policy = shared(Some(test_policy()));
+    let config = InboundConfig::new(app, trust.clone(), ca.store(ORDERS), policy.clone());
+    let s = start(ca, trust, Backend::default(), config).await;
+    let s = Arc::new(s);
+
+    // v1 allows /orders: the request reaches the app and waits there.
+    let in_flight = {
+        let s = s.clone();
+        tokio::spawn(async move { s.get("/orders/1", &[]).await })
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while gate.arrived.load(Ordering::SeqCst) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "request never reached the app"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+
+    // v2 denies /orders to everyone.
+    let mut v2 = test_policy();
+    v2.version = "v2".into();
+    let mut orders = route_prefix("orders", "/orders");
+    orders.deny = vec![pb::Rule {
+        id: "closed".into(),
+        ..Default::default()
+    }];
+    v2.routes.push(orders);
+    let previous = policy.replace(LoadedPolicy::load(v2, JwtOptions::default()).expect("v2 loads"));
+    assert_eq!(previous.expect("v1 was loaded").engine.version(), "v1");
+
+    // New requests are decided by v2, without ever reaching the app.
+    let (status, _, _) = s.get("/orders/2", &[]).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(gate.arrived.load(Ordering::SeqCst), 1);
+
+    // The in-flight one finishes as v1 decided.
+    gate.release.notify_one();
+    let (status, _, body) = in_flight.await.expect("in-flight request");
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "app"));
+}
