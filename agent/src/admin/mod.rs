@@ -398,54 +398,43 @@ pub async fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 /// Serves HTTP/1.1 on `listener` until the task is dropped, from the
 /// identity state alone.
 pub async fn serve(listener: TcpListener, status: Arc<IdentityStatus>) {
-    serve_with(listener, move |m, p| respond(&status, m, p)).await;
+    serve_with(listener, move |req: Request<Incoming>| {
+        let resp = respond(&status, req.method(), req.uri().path());
+        async move { resp }
+    })
+    .await;
 }
 
 /// Serves the admin endpoint of `palisade-agent run` until the task is dropped.
 pub async fn serve_state(listener: TcpListener, state: Arc<AdminState>) {
-    loop {
-        let tcp = match listener.accept().await {
-            Ok((tcp, _)) => tcp,
-            Err(e) => {
-                tracing::warn!(error = %e, "admin endpoint: accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                continue;
-            }
-        };
+    serve_with(listener, move |req: Request<Incoming>| {
         let state = state.clone();
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let state = state.clone();
-                async move {
-                    let path = req.uri().path();
-                    let probe = path
-                        .strip_prefix("/app-health/")
-                        .and_then(|name| state.app_probes.iter().find(|p| p.name == name));
-                    let resp = match probe {
-                        Some(probe) if req.method() == Method::GET => {
-                            let (code, body) = app_probe::probe(probe, APP_PROBE_TIMEOUT).await;
-                            let mut resp = Response::new(Full::new(Bytes::from(body)));
-                            *resp.status_mut() = code;
-                            resp
-                        }
-                        _ => respond_state(&state, req.method(), path),
-                    };
-                    Ok::<_, Infallible>(resp)
+        async move {
+            let path = req.uri().path();
+            let probe = path
+                .strip_prefix("/app-health/")
+                .and_then(|name| state.app_probes.iter().find(|p| p.name == name));
+            match probe {
+                Some(probe) if req.method() == Method::GET => {
+                    let (code, body) = app_probe::probe(probe, APP_PROBE_TIMEOUT).await;
+                    let mut resp = Response::new(Full::new(Bytes::from(body)));
+                    *resp.status_mut() = code;
+                    resp
                 }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tcp), svc)
-                .await;
-        });
-    }
+                _ => respond_state(&state, req.method(), path),
+            }
+        }
+    })
+    .await;
 }
 
 /// Kubelet probes time out after 1 s by default; answer within that.
 const APP_PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(900);
 
-async fn serve_with<F>(listener: TcpListener, respond: F)
+async fn serve_with<F, Fut>(listener: TcpListener, respond: F)
 where
-    F: Fn(&Method, &str) -> Response<Full<Bytes>> + Send + Sync + 'static,
+    F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
     let respond = Arc::new(respond);
     loop {
@@ -461,8 +450,8 @@ where
         let respond = respond.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let resp = respond(req.method(), req.uri().path());
-                async move { Ok::<_, Infallible>(resp) }
+                let resp = respond(req);
+                async move { Ok::<_, Infallible>(resp.await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(tcp), svc)
