@@ -48,6 +48,11 @@ impl AuditEvent<'_> {
         if self.allowed && !sampled(sample_percent) {
             return;
         }
+        self.write();
+    }
+
+    /// Writes the event unconditionally (the caller sampled already).
+    pub fn write(&self) {
         let (remaining, limit) = self.rate_limit.unzip();
         tracing::info!(
             target: TARGET,
@@ -75,7 +80,8 @@ impl AuditEvent<'_> {
     }
 }
 
-fn sampled(percent: u32) -> bool {
+/// Whether an allowed request is recorded, at `percent` of them.
+pub fn sampled(percent: u32) -> bool {
     match percent {
         0 => false,
         p if p >= 100 => true,

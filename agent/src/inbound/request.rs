@@ -80,15 +80,17 @@ fn unix_seconds() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
-/// Everything known about a request for its audit event.
+/// Everything known about a request for its audit event. Kept cheap to
+/// fill (no allocation: refcounted or inline values), since most allowed
+/// requests are never recorded.
 struct Audit<'a> {
     started: Instant,
     request_id: &'a str,
-    trace_id: Option<String>,
-    method: String,
+    traceparent: Option<HeaderValue>,
+    method: http::Method,
     source: Option<&'a str>,
     source_ip: std::net::IpAddr,
-    jwt_subject: Option<String>,
+    claims: Option<std::sync::Arc<serde_json::Value>>,
     api_key_client: Option<String>,
 }
 
@@ -109,15 +111,18 @@ impl Audit<'_> {
                 wp.audit.as_ref().map_or(0, |a| a.sample_percent),
             )
         });
+        if allowed && !audit::sampled(sample) {
+            return;
+        }
         AuditEvent {
             request_id: self.request_id,
-            trace_id: self.trace_id.as_deref(),
+            trace_id: audit::trace_id(self.traceparent.as_ref().and_then(|v| v.to_str().ok())),
             source_identity: self.source,
             source_ip: Some(self.source_ip),
             destination_workload: workload,
             policy_version: version,
             route: outcome.and_then(|o| o.route),
-            method: &self.method,
+            method: self.method.as_str(),
             path: outcome.and_then(|o| o.path.as_deref()),
             allowed,
             reason,
@@ -127,11 +132,15 @@ impl Audit<'_> {
             rate_limit: outcome
                 .and_then(|o| o.rate_limit.as_ref())
                 .map(|r| (r.remaining, r.limit)),
-            jwt_subject: self.jwt_subject.as_deref(),
+            jwt_subject: self
+                .claims
+                .as_deref()
+                .and_then(|c| c.get("sub"))
+                .and_then(|s| s.as_str()),
             api_key_client: self.api_key_client.as_deref(),
             shadow_reason: outcome.and_then(|o| o.shadow_reason),
         }
-        .record(sample);
+        .write();
     }
 }
 
@@ -149,16 +158,11 @@ pub(crate) async fn handle(
     let mut audit = Audit {
         started,
         request_id: rid,
-        trace_id: audit::trace_id(
-            req.headers()
-                .get("traceparent")
-                .and_then(|v| v.to_str().ok()),
-        )
-        .map(str::to_owned),
-        method: req.method().as_str().to_owned(),
+        traceparent: req.headers().get("traceparent").cloned(),
+        method: req.method().clone(),
         source: conn.peer.as_ref().map(|(id, _)| id.as_str()),
         source_ip: conn.peer_addr,
-        jwt_subject: None,
+        claims: None,
         api_key_client: None,
     };
     let Some(policy) = shared.config.policy.current() else {
@@ -192,11 +196,7 @@ pub(crate) async fn handle(
             }
         }
     }
-    audit.jwt_subject = claims
-        .as_deref()
-        .and_then(|c| c.get("sub"))
-        .and_then(|s| s.as_str())
-        .map(str::to_owned);
+    audit.claims = claims.clone();
     audit.api_key_client = api_key_client.map(str::to_owned);
 
     // 4. decide (normalizes the path).
