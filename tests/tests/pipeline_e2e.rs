@@ -17,13 +17,13 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use fixtures::{
-    Agent, Backend, Client, INVOICER, ORDERS, OTHER, Pki, Req, Resp, WEB, compile_policy,
-    sha256_hex,
+    INVOICER, ORDERS, OTHER, Req, WEB, assert_denied, assert_ok, bounded, setup, sha256_hex,
+    unix_now,
 };
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
@@ -31,65 +31,6 @@ use hyper_util::rt::TokioIo;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
-
-/// A whole test function, bounded.
-async fn bounded(what: &str, secs: u64, f: impl std::future::Future<Output = ()>) {
-    tokio::time::timeout(Duration::from_secs(secs), f)
-        .await
-        .unwrap_or_else(|_| panic!("{what} took longer than {secs} s"));
-}
-
-/// An agent (as `ORDERS`) enforcing the fixture `policy`, in front of a new
-/// backend; the temp dir holds the PKI and the compiled policy.
-struct Setup {
-    _dir: tempfile::TempDir,
-    pki: Pki,
-    backend: Backend,
-    agent: Agent,
-}
-
-async fn setup(policy: &str, vars: &[(&str, &str)]) -> Setup {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new(dir.path());
-    let compiled = compile_policy(policy, vars, dir.path());
-    let backend = Backend::start().await;
-    let agent = Agent::start(&pki, &compiled, backend.addr(), None).await;
-    Setup {
-        _dir: dir,
-        pki,
-        backend,
-        agent,
-    }
-}
-
-impl Setup {
-    async fn send(&self, client: &Client, req: Req) -> Resp {
-        client.send(self.agent.addr, &req).await
-    }
-
-    /// Context for a failed assertion: the agent's log.
-    fn log(&self) -> String {
-        self.agent.proc.transcript()
-    }
-}
-
-#[track_caller]
-fn assert_denied(resp: &Resp, status: u16, word: &str, what: &str) {
-    assert_eq!(resp.status, status, "{what}: {resp}");
-    assert_eq!(resp.deny_word(), word, "{what}: {resp}");
-}
-
-#[track_caller]
-fn assert_ok(resp: &Resp, what: &str) {
-    assert_eq!(resp.status, 200, "{what}: {resp}");
-}
-
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
-}
 
 // --- JWT ---------------------------------------------------------------------
 

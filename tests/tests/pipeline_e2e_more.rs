@@ -21,13 +21,15 @@ mod fixtures;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use fixtures::{Agent, Backend, Client, Pki, Req, Resp, WEB, compile_policy, send_plaintext};
+use fixtures::{
+    AUDIT_LOG, Req, Setup, WEB, assert_denied, assert_ok, bounded, deny_request_id, send_plaintext,
+    setup_with, unix_now,
+};
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper_util::rt::TokioIo;
@@ -35,107 +37,9 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
-/// A whole test function, bounded.
-async fn bounded(what: &str, secs: u64, f: impl std::future::Future<Output = ()>) {
-    tokio::time::timeout(Duration::from_secs(secs), f)
-        .await
-        .unwrap_or_else(|_| panic!("{what} took longer than {secs} s"));
-}
-
-/// The log level every agent of this file runs with: audit records on.
-const RUST_LOG: &str = "info,palisade::audit=info";
-
-/// An agent (as `ORDERS`) enforcing the fixture `policy`, in front of a new
-/// backend. `@PORT@`, if the fixture has it, is the app's port (the port
-/// the policy's `ports` must name).
-struct Setup {
-    _dir: tempfile::TempDir,
-    pki: Pki,
-    backend: Backend,
-    agent: Agent,
-}
-
+/// Every agent of this file writes its audit records.
 async fn setup(policy: &str, vars: &[(&str, &str)]) -> Setup {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new(dir.path());
-    let backend = Backend::start().await;
-    let port = backend.addr().port().to_string();
-    let mut vars = vars.to_vec();
-    let text = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures")
-            .join(policy),
-    )
-    .unwrap();
-    if text.contains("@PORT@") {
-        vars.push(("PORT", &port));
-    }
-    let compiled = compile_policy(policy, &vars, dir.path());
-    let agent = Agent::start_with_log(&pki, &compiled, backend.addr(), RUST_LOG).await;
-    Setup {
-        _dir: dir,
-        pki,
-        backend,
-        agent,
-    }
-}
-
-impl Setup {
-    async fn send(&self, client: &Client, req: Req) -> Resp {
-        client.send(self.agent.addr, &req).await
-    }
-
-    /// The agent's log, for a failed assertion.
-    fn log(&self) -> String {
-        self.agent.proc.transcript()
-    }
-
-    /// The agent's audit records (lines of the `palisade::audit` target).
-    fn audit_lines(&self) -> Vec<String> {
-        self.agent
-            .proc
-            .lines_matching(|l| l.contains("palisade::audit"))
-    }
-
-    /// The audit record of the request the app or client knows by `request_id`;
-    /// waits briefly, as the record is written after the response.
-    async fn audit_record(&self, request_id: &str) -> String {
-        let needle = format!("request_id={request_id:?}");
-        let plain = format!("request_id={request_id}");
-        for _ in 0..50 {
-            if let Some(line) = self
-                .audit_lines()
-                .into_iter()
-                .find(|l| l.contains(&needle) || l.contains(&format!("{plain} ")))
-            {
-                return line;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!(
-            "no audit record for request {request_id}. Agent log:\n{}",
-            self.log()
-        );
-    }
-}
-
-#[track_caller]
-fn assert_denied(resp: &Resp, status: u16, word: &str, what: &str) {
-    assert_eq!(resp.status, status, "{what}: {resp}");
-    assert_eq!(resp.deny_word(), word, "{what}: {resp}");
-}
-
-#[track_caller]
-fn assert_ok(resp: &Resp, what: &str) {
-    assert_eq!(resp.status, 200, "{what}: {resp}");
-}
-
-/// The `request_id` of a deny body.
-fn deny_request_id(resp: &Resp) -> String {
-    resp.json()["request_id"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no request_id in {resp}"))
-        .to_owned()
+    setup_with(policy, vars, AUDIT_LOG).await
 }
 
 /// The value of `field` in a `tracing` text record (`field=value` or
@@ -154,13 +58,6 @@ fn field(line: &str, name: &str) -> Option<String> {
     } else {
         Some(rest.split(' ').next().unwrap_or_default().to_owned())
     }
-}
-
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
 }
 
 // --- 1. IP filter ------------------------------------------------------------
