@@ -116,3 +116,6 @@ mod tests {
         assert!(SystemClock.unix_seconds() > 1_600_000_000);
     }
 }
+
+#[cfg(test)]
+mod robustness;

@@ -4,7 +4,9 @@
 //! - ALPN `h2` → HTTP/2, `http/1.1` → HTTP/1 (no bytes read).
 //! - First bytes the HTTP/2 connection preface (`PRI * HTTP/2.0…`) → HTTP/2
 //!   (prior knowledge: h2c, or h2 over TLS without ALPN).
-//! - First bytes a method token followed by a space → HTTP/1.
+//! - First bytes a method token (any length) followed by a space → HTTP/1;
+//!   still undecided after [`MAX_SNIFF`] bytes → HTTP/1 too (its parser
+//!   refuses what is not HTTP).
 //! - Anything else → opaque. On a port left to `auto`, nothing within the
 //!   detection timeout (a server-first protocol such as MySQL or SMTP waits
 //!   for the server's greeting) → opaque too.
@@ -42,11 +44,17 @@ pub enum Detected {
 
 /// The HTTP/2 connection preface (RFC 9113 §3.4).
 pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-/// Longest method token accepted as HTTP/1 (the longest registered method
-/// has 17 characters).
-const MAX_METHOD: usize = 24;
+/// Most bytes read to decide. Input still undecided at this size (a very
+/// long run of method-token characters or empty lines) is served as HTTP/1,
+/// whose parser refuses what is not HTTP: never opaque, which would skip the
+/// HTTP policy.
+pub const MAX_SNIFF: usize = 8 * 1024;
 
 /// Classifies what has been read so far; `None` means "need more bytes".
+///
+/// A method token of any length followed by a space is HTTP/1: HTTP servers
+/// accept extension methods, so calling a long one opaque would hand an HTTP
+/// request to the app past every route rule.
 pub fn classify(buf: &[u8]) -> Option<Detected> {
     // Empty lines before an HTTP/1 request line are tolerated by HTTP
     // servers (RFC 9112 §2.2); were they not skipped here, such a request
@@ -61,7 +69,7 @@ pub fn classify(buf: &[u8]) -> Option<Detected> {
     if H2_PREFACE.starts_with(buf) {
         return None;
     }
-    for (i, &b) in buf.iter().enumerate().take(MAX_METHOD + 1) {
+    for (i, &b) in buf.iter().enumerate() {
         if b == b' ' {
             return Some(if i > 0 {
                 Detected::Http1
@@ -73,7 +81,7 @@ pub fn classify(buf: &[u8]) -> Option<Detected> {
             return Some(Detected::Opaque);
         }
     }
-    (buf.len() > MAX_METHOD).then_some(Detected::Opaque)
+    None
 }
 
 /// RFC 9110 §5.6.2 `tchar`.
@@ -105,6 +113,9 @@ pub async fn sniff<IO: AsyncRead + Unpin>(
     loop {
         if let Some(d) = classify(&buf) {
             return Ok((Some(d), buf));
+        }
+        if buf.len() >= MAX_SNIFF {
+            return Ok((Some(Detected::Http1), buf));
         }
         match tokio::time::timeout_at(deadline, io.read(&mut chunk)).await {
             Ok(Ok(0)) => return Ok((None, buf)),
@@ -179,7 +190,15 @@ mod tests {
         assert_eq!(classify(b" GET"), Some(Detected::Opaque));
         assert_eq!(classify(b"\r\n"), None);
         assert_eq!(classify(b"\r\nGET / HTTP/1.1"), Some(Detected::Http1));
-        assert_eq!(classify(&[b'A'; 30]), Some(Detected::Opaque));
+        // A long method token is still a method: HTTP/1, never opaque.
+        assert_eq!(classify(&[b'A'; 30]), None);
+        let mut long = vec![b'A'; 30];
+        long.extend_from_slice(b" /admin HTTP/1.1\r\n");
+        assert_eq!(classify(&long), Some(Detected::Http1));
+        assert_eq!(
+            classify(b"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAA\r\n"),
+            Some(Detected::Opaque)
+        );
         assert_eq!(classify(b"*1\r\n$4\r\nPING\r\n"), Some(Detected::Opaque));
     }
 

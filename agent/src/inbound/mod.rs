@@ -650,3 +650,6 @@ async fn serve_request(
     }
     resp
 }
+
+#[cfg(test)]
+mod robustness;

@@ -479,3 +479,6 @@ mod tests {
         assert_eq!(UnmatchedPolicy::default(), UnmatchedPolicy::Passthrough);
     }
 }
+
+#[cfg(test)]
+mod robustness;

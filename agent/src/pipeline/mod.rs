@@ -19,3 +19,6 @@ pub mod request_id;
 pub mod response_headers;
 pub mod strip;
 pub mod xfcc;
+
+#[cfg(test)]
+mod robustness;
