@@ -205,28 +205,16 @@ where
         return;
     }
     let connect = TcpStream::connect(info.app);
-    let mut app = match tokio::time::timeout(shared.config.app_connect_timeout, connect).await {
-        Ok(Ok(app)) => app,
-        Ok(Err(e)) => {
-            tracing::warn!(app = %info.app, error = %e, "app unreachable (opaque)");
-            audit(
-                policy.as_deref(),
-                &info,
-                false,
-                "upstream.unreachable",
-                started,
-            );
-            return;
-        }
-        Err(_) => {
-            tracing::warn!(app = %info.app, "connecting to the app timed out (opaque)");
-            audit(
-                policy.as_deref(),
-                &info,
-                false,
-                "upstream.unreachable",
-                started,
-            );
+    let connected = tokio::time::timeout(shared.config.app_connect_timeout, connect)
+        .await
+        .map_err(|_| "connecting timed out".to_owned())
+        .and_then(|r| r.map_err(|e| e.to_string()));
+    let mut app = match connected {
+        Ok(app) => app,
+        Err(error) => {
+            tracing::warn!(app = %info.app, %error, "app unreachable (opaque)");
+            let reason = "upstream.unreachable";
+            audit(policy.as_deref(), &info, false, reason, started);
             return;
         }
     };
