@@ -98,7 +98,10 @@ impl Discovery for Svc {
                 let current = policy.borrow_and_update().clone();
                 if let Some(p) = current
                     && tx
-                        .send(Ok(WatchResponse { policy: Some(p) }))
+                        .send(Ok(WatchResponse {
+                            policy: Some(p),
+                            destinations: None,
+                        }))
                         .await
                         .is_err()
                 {

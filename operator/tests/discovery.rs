@@ -107,6 +107,7 @@ fn workload(id: &str, app: &str) -> WorkloadRef {
         labels: [("app".to_owned(), app.to_owned())].into(),
         ports: vec![8080],
         agent_instance_id: "instance-1".into(),
+        endpoints: vec![],
     }
 }
 

@@ -258,6 +258,7 @@ impl Discovery for GrpcApp {
                                 workload: format!("echo {} {name}", names.len()),
                                 ..Default::default()
                             }),
+                            destinations: None,
                         };
                         names.push(name);
                         if tx.send(Ok(reply)).await.is_err() {

@@ -213,6 +213,7 @@ impl PolicyWatcher {
             labels: w.labels.clone().into_iter().collect(),
             ports: w.ports.iter().map(|&p| u32::from(p)).collect(),
             agent_instance_id: w.agent_instance_id.clone(),
+            endpoints: vec![],
         }
     }
 

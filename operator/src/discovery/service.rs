@@ -240,6 +240,7 @@ impl Session {
                     if tx
                         .send(Ok(WatchResponse {
                             policy: Some(policy),
+                            destinations: None,
                         }))
                         .await
                         .is_err()
