@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 use common::*;
 use palisade_proto::discovery::v1::discovery_client::DiscoveryClient;
 use palisade_proto::discovery::v1::watch_request::Kind;
-use palisade_proto::discovery::v1::{Ack, Nack, WatchRequest, WatchResponse, WorkloadRef};
+use palisade_proto::discovery::v1::{
+    Ack, MeshDestinations, MeshEndpoint, Nack, WatchRequest, WatchResponse, WorkloadRef,
+};
 use palisade_proto::policy::v1::{DefaultAction, WorkloadPolicy, path_match};
 use tokio::sync::mpsc;
 use tonic::Code;
@@ -18,6 +20,7 @@ use tonic::codegen::tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 const TOKEN_ORDERS: &str = "tok-orders-5e1f0c9a7b3d2e48";
+const TOKEN_PAYMENTS: &str = "tok-payments-0b7c4d1e9f2a3c65";
 const ID_ORDERS: &str = "spiffe://cluster.local/ns/shop/sa/orders";
 const ID_PAYMENTS: &str = "spiffe://cluster.local/ns/shop/sa/payments";
 
@@ -51,7 +54,13 @@ struct Setup {
 
 fn start(with_source: bool, files: &[(&str, &str)]) -> Setup {
     let tmp = tempfile::tempdir().unwrap();
-    let tokens = write_tokens(tmp.path(), &[(TOKEN_ORDERS, "shop", "orders")]);
+    let tokens = write_tokens(
+        tmp.path(),
+        &[
+            (TOKEN_ORDERS, "shop", "orders"),
+            (TOKEN_PAYMENTS, "shop", "payments"),
+        ],
+    );
     let policies = tmp.path().join("policies");
     std::fs::create_dir(&policies).unwrap();
     for (name, text) in files {
@@ -72,12 +81,15 @@ fn start(with_source: bool, files: &[(&str, &str)]) -> Setup {
 
 /// A certificate for the orders workload via Certify, as PEM chain and key.
 async fn orders_identity(op: &Operator) -> Identity {
+    identity_for(op, TOKEN_ORDERS, ID_ORDERS).await
+}
+
+/// A certificate for the workload `token` stands for (its SPIFFE ID is `id`).
+async fn identity_for(op: &Operator, token: &str, id: &str) -> Identity {
     let mut client = op.client().await;
     let (key, csr_pem) = csr(vec![]);
-    let resp = certify(&mut client, TOKEN_ORDERS, &csr_pem, 0)
-        .await
-        .unwrap();
-    assert_eq!(resp.spiffe_id, ID_ORDERS);
+    let resp = certify(&mut client, token, &csr_pem, 0).await.unwrap();
+    assert_eq!(resp.spiffe_id, id);
     Identity::from_pem(resp.cert_chain_pem.concat(), key.serialize_pem())
 }
 
@@ -133,13 +145,28 @@ impl Watch {
     }
 
     async fn next(&mut self) -> WorkloadPolicy {
-        tokio::time::timeout(STEP, self.responses.message())
+        self.next_response()
             .await
-            .expect("no policy pushed in time")
-            .expect("stream error")
-            .expect("stream ended")
             .policy
             .expect("response without a policy")
+    }
+
+    async fn next_response(&mut self) -> WatchResponse {
+        tokio::time::timeout(STEP, self.responses.message())
+            .await
+            .expect("nothing pushed in time")
+            .expect("stream error")
+            .expect("stream ended")
+    }
+
+    /// The next response, which must carry destinations and no policy.
+    async fn next_destinations(&mut self) -> MeshDestinations {
+        let r = self.next_response().await;
+        assert!(
+            r.policy.is_none(),
+            "a table change resent the policy: {r:?}"
+        );
+        r.destinations.expect("response without destinations")
     }
 
     async fn send(&self, kind: Kind) {
@@ -389,4 +416,243 @@ async fn a_file_broken_at_start_up_is_logged_and_the_others_are_served() {
     .await
     .unwrap();
     assert_eq!(prefixes(&watch.next().await), vec!["/orders"]);
+}
+
+/// A subscription of `id` (instance `instance`) advertising `endpoints`.
+fn advertising(id: &str, instance: &str, endpoints: &[(&str, u32)]) -> WorkloadRef {
+    let app = id.rsplit('/').next().unwrap();
+    WorkloadRef {
+        agent_instance_id: instance.into(),
+        endpoints: endpoints
+            .iter()
+            .map(|(ip, port)| MeshEndpoint {
+                ip: (*ip).into(),
+                port: *port,
+            })
+            .collect(),
+        ..workload(id, app)
+    }
+}
+
+/// (network, port, spiffe_id) of every entry, in table order.
+fn entries(t: &MeshDestinations) -> Vec<(String, u32, String)> {
+    t.destinations
+        .iter()
+        .map(|d| (d.network.clone(), d.port, d.spiffe_id.clone()))
+        .collect()
+}
+
+fn entry(network: &str, port: u32, id: &str) -> (String, u32, String) {
+    (network.to_owned(), port, id.to_owned())
+}
+
+#[tokio::test]
+async fn destinations_list_every_agent_and_drop_departed_ones() {
+    let s = start(true, &[("orders.yaml", &policy_yaml("orders", "/orders"))]);
+    let orders_ch = channel(&s.op, Some(orders_identity(&s.op).await)).await;
+    let payments_ch = channel(
+        &s.op,
+        Some(identity_for(&s.op, TOKEN_PAYMENTS, ID_PAYMENTS).await),
+    )
+    .await;
+
+    let mut orders = Watch::open(
+        orders_ch,
+        advertising(ID_ORDERS, "orders-1", &[("127.0.0.1", 18080)]),
+    )
+    .await
+    .expect("watch accepted");
+    // The first response carries the policy and the table together.
+    let first = orders.next_response().await;
+    let policy = first.policy.expect("first response has the policy");
+    assert_eq!(prefixes(&policy), vec!["/orders"]);
+    let alone = first.destinations.expect("first response has the table");
+    assert!(!alone.version.is_empty());
+    assert_eq!(
+        entries(&alone),
+        vec![entry("127.0.0.1/32", 18080, ID_ORDERS)]
+    );
+
+    let mut payments = Watch::open(
+        payments_ch,
+        advertising(
+            ID_PAYMENTS,
+            "payments-1",
+            &[("127.0.0.1", 18081), ("fd00::7", 0)],
+        ),
+    )
+    .await
+    .expect("watch accepted");
+    let both = vec![
+        entry("127.0.0.1/32", 18080, ID_ORDERS),
+        entry("127.0.0.1/32", 18081, ID_PAYMENTS),
+        entry("fd00::7/128", 0, ID_PAYMENTS),
+    ];
+    let first = payments.next_response().await;
+    assert!(first.policy.is_some(), "{first:?}");
+    let table = first.destinations.expect("first response has the table");
+    assert_eq!(entries(&table), both);
+    assert!(!table.version.is_empty());
+    assert_ne!(table.version, alone.version);
+    // The agent already subscribed gets the new table, without the policy.
+    let pushed = orders.next_destinations().await;
+    assert_eq!(entries(&pushed), both);
+    assert_eq!(pushed.version, table.version);
+
+    // payments goes away: orders gets the table without it, which is the
+    // table it started with.
+    drop(payments);
+    let after = orders.next_destinations().await;
+    assert_eq!(
+        entries(&after),
+        vec![entry("127.0.0.1/32", 18080, ID_ORDERS)]
+    );
+    assert_eq!(after.version, alone.version);
+}
+
+#[tokio::test]
+async fn two_identities_claiming_one_endpoint_are_not_pinned() {
+    let s = start(true, &[("orders.yaml", &policy_yaml("orders", "/orders"))]);
+    let orders_ch = channel(&s.op, Some(orders_identity(&s.op).await)).await;
+    let payments_ch = channel(
+        &s.op,
+        Some(identity_for(&s.op, TOKEN_PAYMENTS, ID_PAYMENTS).await),
+    )
+    .await;
+    let mut orders = Watch::open(
+        orders_ch,
+        advertising(
+            ID_ORDERS,
+            "orders-1",
+            &[("10.0.0.5", 8080), ("10.0.0.5", 0)],
+        ),
+    )
+    .await
+    .unwrap();
+    orders.next_response().await;
+    let mut payments = Watch::open(
+        payments_ch,
+        advertising(ID_PAYMENTS, "payments-1", &[("10.0.0.5", 8080)]),
+    )
+    .await
+    .unwrap();
+    // Only the contested (ip, port) loses its pin; port 0 is another entry.
+    let expected = vec![
+        entry("10.0.0.5/32", 0, ID_ORDERS),
+        entry("10.0.0.5/32", 8080, "*"),
+    ];
+    let table = payments
+        .next_response()
+        .await
+        .destinations
+        .expect("first response has the table");
+    assert_eq!(entries(&table), expected);
+    assert_eq!(entries(&orders.next_destinations().await), expected);
+    let line = wait_for_log(&s.op, "several identities claim the same mesh endpoint").await;
+    assert!(line.contains("WARN"), "{line}");
+    assert!(line.contains(ID_ORDERS), "{line}");
+    assert!(line.contains(ID_PAYMENTS), "{line}");
+}
+
+#[tokio::test]
+async fn invalid_endpoints_are_refused_naming_the_field() {
+    let s = start(true, &[("orders.yaml", &policy_yaml("orders", "/orders"))]);
+    let ch = channel(&s.op, Some(orders_identity(&s.op).await)).await;
+    let cases: &[(&[(&str, u32)], &str)] = &[
+        (&[("x", 80)], "endpoints[0].ip: \"x\" is not an IP address"),
+        (&[("127.0.0.1", 80), ("0.0.0.0", 80)], "endpoints[1].ip"),
+        (&[("::", 80)], "endpoints[0].ip"),
+        (&[("239.1.2.3", 80)], "endpoints[0].ip"),
+        (&[("255.255.255.255", 80)], "endpoints[0].ip"),
+        (&[("10.0.0.1", 70000)], "endpoints[0].port: 70000"),
+    ];
+    for (endpoints, field) in cases {
+        let err = Watch::open(ch.clone(), advertising(ID_ORDERS, "o", endpoints))
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{endpoints:?} accepted"));
+        assert_eq!(err.code(), Code::InvalidArgument, "{endpoints:?}: {err:?}");
+        assert!(
+            err.message().contains(field),
+            "{endpoints:?}: {:?} does not name {field:?}",
+            err.message()
+        );
+    }
+    let many = vec![("10.0.0.1", 80); 17];
+    let err = Watch::open(ch.clone(), advertising(ID_ORDERS, "o", &many))
+        .await
+        .err()
+        .expect("17 endpoints accepted");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("endpoints"), "{err:?}");
+
+    // Nothing refused made it into the table: a valid subscriber sees only
+    // itself (loopback and 16 endpoints are fine).
+    let mut ok = Watch::open(ch, advertising(ID_ORDERS, "o", &[("127.0.0.1", 0)]))
+        .await
+        .expect("valid endpoints accepted");
+    let table = ok.next_response().await.destinations.unwrap();
+    assert_eq!(entries(&table), vec![entry("127.0.0.1/32", 0, ID_ORDERS)]);
+}
+
+#[tokio::test]
+async fn policy_and_destination_changes_are_pushed_separately() {
+    let s = start(true, &[("orders.yaml", &policy_yaml("orders", "/orders"))]);
+    let orders_ch = channel(&s.op, Some(orders_identity(&s.op).await)).await;
+    let payments_ch = channel(
+        &s.op,
+        Some(identity_for(&s.op, TOKEN_PAYMENTS, ID_PAYMENTS).await),
+    )
+    .await;
+    let mut orders = Watch::open(
+        orders_ch,
+        advertising(ID_ORDERS, "orders-1", &[("127.0.0.1", 18080)]),
+    )
+    .await
+    .unwrap();
+    let first = orders.next_response().await;
+    let v1 = first.policy.unwrap();
+    let t1 = first.destinations.unwrap();
+
+    // A policy edit: the policy alone.
+    write(&s.policies, "orders.yaml", &policy_yaml("orders", "/v2"));
+    let r = orders.next_response().await;
+    assert!(
+        r.destinations.is_none(),
+        "policy change resent the table: {r:?}"
+    );
+    let v2 = r.policy.expect("the new policy");
+    assert_ne!(v2.version, v1.version);
+    assert_eq!(prefixes(&v2), vec!["/v2"]);
+    orders
+        .send(Kind::Ack(Ack {
+            version: v2.version.clone(),
+        }))
+        .await;
+
+    // Another agent arrives: the table alone (next_destinations checks
+    // that the policy is absent).
+    let _payments = Watch::open(
+        payments_ch,
+        advertising(ID_PAYMENTS, "payments-1", &[("127.0.0.1", 18081)]),
+    )
+    .await
+    .unwrap();
+    let t2 = orders.next_destinations().await;
+    assert_ne!(t2.version, t1.version);
+
+    // An agent that advertises nothing changes no table: the next message
+    // orders gets is the next policy, alone.
+    let extra_ch = channel(&s.op, Some(orders_identity(&s.op).await)).await;
+    let mut silent = Watch::open(extra_ch, advertising(ID_ORDERS, "orders-2", &[]))
+        .await
+        .unwrap();
+    let first = silent.next_response().await;
+    assert_eq!(first.destinations.map(|t| t.version), Some(t2.version));
+    write(&s.policies, "orders.yaml", &policy_yaml("orders", "/v3"));
+    let r = orders.next_response().await;
+    assert!(r.destinations.is_none(), "{r:?}");
+    assert_eq!(prefixes(&r.policy.unwrap()), vec!["/v3"]);
+    // The ACK still counts for the policy version (destinations are not ACKed).
+    wait_for_log(&s.op, "agent enforces policy version (ACK)").await;
 }

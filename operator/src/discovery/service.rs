@@ -5,7 +5,9 @@
 //! names exactly that identity, then whether there is a policy source.
 //! After that the stream carries one compiled `WorkloadPolicy` per content
 //! version, pushed only when the version for this subscriber changes, and
-//! ACK/NACKs the other way.
+//! ACK/NACKs the other way. The mesh destination table ([`super::endpoints`])
+//! rides on the same stream, also pushed only when its version changes, and
+//! is not ACKed.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,6 +23,7 @@ use tokio::sync::{mpsc, watch};
 use tonic::codegen::tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use super::endpoints::{Endpoint, MeshRegistry, parse_endpoints};
 use super::source::PolicySet;
 use super::status::{DiscoveryStatus, MAX_REASON_BYTES, truncate};
 
@@ -39,6 +42,7 @@ pub struct DiscoveryService {
     policies: Option<watch::Receiver<Arc<PolicySet>>>,
     secrets: Arc<dyn SecretSource + Send + Sync>,
     status: Arc<DiscoveryStatus>,
+    registry: Arc<MeshRegistry>,
 }
 
 /// The subscriber, checked against its certificate.
@@ -49,6 +53,8 @@ struct Subscriber {
     pod_name: String,
     peer: String,
     workload: Workload,
+    /// Where it terminates mTLS, as advertised (validated, not verified).
+    endpoints: Vec<Endpoint>,
 }
 
 impl DiscoveryService {
@@ -67,7 +73,20 @@ impl DiscoveryService {
             // to compile for its workloads, and that is logged.
             secrets: Arc::new(NoSecrets),
             status,
+            registry: Arc::new(MeshRegistry::new()),
         }
+    }
+
+    /// Shares a registry (e.g. one the admin port renders metrics from)
+    /// instead of the one `new` created.
+    pub fn with_registry(mut self, registry: Arc<MeshRegistry>) -> Self {
+        self.registry = registry;
+        self
+    }
+
+    /// The agents' advertised endpoints and the destination table.
+    pub fn registry(&self) -> &Arc<MeshRegistry> {
+        &self.registry
     }
 
     pub fn with_secrets(mut self, secrets: Arc<dyn SecretSource + Send + Sync>) -> Self {
@@ -124,6 +143,10 @@ impl DiscoveryService {
             .map(|&p| u16::try_from(p).ok().filter(|p| *p != 0))
             .collect::<Option<Vec<u16>>>()
             .ok_or_else(|| Status::invalid_argument("ports must be 1-65535"))?;
+        let endpoints = parse_endpoints(&subscribe.endpoints).map_err(|e| {
+            tracing::warn!(%peer, spiffe_id = %cert_id, error = %e, "watch refused: bad endpoints");
+            Status::invalid_argument(e.to_string())
+        })?;
         let instance = if subscribe.agent_instance_id.is_empty() {
             format!("{cert_id}@{peer}")
         } else {
@@ -140,6 +163,7 @@ impl DiscoveryService {
                 labels: subscribe.labels.into_iter().collect(),
                 ports,
             },
+            endpoints,
         })
     }
 }
@@ -181,6 +205,7 @@ impl Discovery for DiscoveryService {
             pod = %subscriber.pod_name,
             labels = ?subscriber.workload.labels,
             ports = ?subscriber.workload.ports,
+            endpoints = ?subscriber.endpoints,
             "agent subscribed"
         );
         // Small: a slow agent should see the newest version, not a backlog.
@@ -189,6 +214,7 @@ impl Discovery for DiscoveryService {
             mesh: self.mesh.clone(),
             secrets: self.secrets.clone(),
             status: self.status.clone(),
+            registry: self.registry.clone(),
             subscriber,
         };
         tokio::spawn(session.run(inbound, tx, policies));
@@ -200,6 +226,7 @@ struct Session {
     mesh: MeshConfig,
     secrets: Arc<dyn SecretSource + Send + Sync>,
     status: Arc<DiscoveryStatus>,
+    registry: Arc<MeshRegistry>,
     subscriber: Subscriber,
 }
 
@@ -229,26 +256,50 @@ impl Session {
             status: &self.status,
             instance: &sub.instance,
         };
+        // Registered after `subscribed`, withdrawn (guard dropped) before
+        // the stream is marked closed. The receiver is taken after
+        // registering, so the first table already contains this agent.
+        let _registration =
+            self.registry
+                .register(sub.spiffe_id.as_str(), &sub.instance, sub.endpoints.clone());
+        let mut tables = self.registry.subscribe();
         let mut sent: Option<String> = None;
+        let mut sent_table: Option<String> = None;
         let mut recompile = true;
+        let mut retable = true;
         loop {
-            if recompile {
-                recompile = false;
+            let policy = if std::mem::take(&mut recompile) {
                 let set = policies.borrow_and_update().clone();
-                if let Some(policy) = self.compile(&set, sent.as_deref()) {
-                    let version = policy.version.clone();
-                    if tx
-                        .send(Ok(WatchResponse {
-                            policy: Some(policy),
-                            destinations: None,
-                        }))
-                        .await
-                        .is_err()
-                    {
-                        break;
-                    }
+                self.compile(&set, sent.as_deref())
+                    .map(|p| (p, set.revision))
+            } else {
+                None
+            };
+            let destinations = if std::mem::take(&mut retable) {
+                let table = tables.borrow_and_update().clone();
+                (sent_table.as_deref() != Some(table.version.as_str())).then_some(table)
+            } else {
+                None
+            };
+            // Both in one response when both changed: the agent applies the
+            // destinations, then the policy. An absent field means unchanged.
+            if policy.is_some() || destinations.is_some() {
+                let pushed = policy.as_ref().map(|(p, rev)| (p.version.clone(), *rev));
+                let response = WatchResponse {
+                    policy: policy.map(|(p, _)| p),
+                    destinations: destinations.as_deref().cloned(),
+                };
+                if tx.send(Ok(response)).await.is_err() {
+                    break;
+                }
+                if let Some(table) = destinations {
+                    tracing::debug!(instance = %sub.instance, version = %table.version,
+                        destinations = table.destinations.len(), "mesh destinations pushed");
+                    sent_table = Some(table.version.clone());
+                }
+                if let Some((version, revision)) = pushed {
                     tracing::info!(spiffe_id = %sub.spiffe_id, instance = %sub.instance,
-                        %version, revision = set.revision, "policy pushed");
+                        %version, revision, "policy pushed");
                     self.status.sent(&sub.instance, &version);
                     sent = Some(version);
                 }
@@ -257,6 +308,11 @@ impl Session {
                 changed = policies.changed() => match changed {
                     Ok(()) => recompile = true,
                     // The source is gone (shutting down).
+                    Err(_) => break,
+                },
+                changed = tables.changed() => match changed {
+                    Ok(()) => retable = true,
+                    // The registry is gone (shutting down).
                     Err(_) => break,
                 },
                 message = inbound.message() => match message {
