@@ -101,8 +101,17 @@ struct RunArgs {
     /// A meshed destination (repeatable): ADDR[/PREFIX][:PORT]=ID, ID a SPIFFE ID or `*` (any
     /// workload of the trust domain), e.g. 10.0.0.0/24:8443=spiffe://cluster.local/ns/shop/sa/orders.
     /// The most specific entry wins (longest prefix, then an entry with the port).
+    /// With --operator, discovery also says whom each meshed destination must be; these flags
+    /// override it for the destinations they cover.
     #[arg(long, value_parser = parse_mesh_destination, value_name = "ADDR=ID")]
     mesh_destination: Vec<palisade_agent::outbound::DestinationEntry>,
+    /// This pod's IP (repeatable, e.g. IPv4 and IPv6), advertised to the operator as where this
+    /// agent accepts mTLS, so other agents pin our identity for it: with --transparent every port
+    /// of it; with --inbound on 0.0.0.0 or [::] the --inbound port (an --inbound on one address
+    /// advertises that address). Default: $POD_IP (ignored when empty). Without one nothing is
+    /// advertised.
+    #[arg(long, env = "POD_IP", value_parser = parse_advertise_address, value_name = "IP")]
+    advertise_address: Vec<Option<std::net::IpAddr>>,
     /// Transparent mode: what happens to app connections to destinations no --mesh-destination
     /// covers: `passthrough` (plain TCP to the original destination) or `deny` (closed, logged).
     #[arg(long, value_enum, default_value = "passthrough")]
@@ -217,6 +226,25 @@ fn parse_label(text: &str) -> Result<(String, String), String> {
     match text.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
         _ => Err(format!("{text:?} is not KEY=VALUE")),
+    }
+}
+
+/// An IP; empty is none (an unset `POD_IP` that is still defined must not
+/// stop the agent).
+fn parse_advertise_address(text: &str) -> Result<Option<std::net::IpAddr>, String> {
+    match text.trim() {
+        "" => Ok(None),
+        text => {
+            let ip: std::net::IpAddr = text
+                .parse()
+                .map_err(|_| format!("{text:?} is not an IP address"))?;
+            // The operator refuses these, and would refuse the whole stream.
+            let broadcast = ip == std::net::IpAddr::from(std::net::Ipv4Addr::BROADCAST);
+            if ip.is_unspecified() || ip.is_multicast() || broadcast {
+                return Err(format!("{ip} is not an address this pod can be reached at"));
+            }
+            Ok(Some(ip))
+        }
     }
 }
 
@@ -553,6 +581,7 @@ fn sidecar_options(args: RunArgs) -> anyhow::Result<SidecarOptions> {
         }),
         outbound: args.outbound,
         mesh_destinations: args.mesh_destination,
+        advertise_addresses: args.advertise_address.into_iter().flatten().collect(),
         outbound_unmatched: match args.outbound_unmatched {
             UnmatchedArg::Passthrough => UnmatchedPolicy::Passthrough,
             UnmatchedArg::Deny => UnmatchedPolicy::Deny,

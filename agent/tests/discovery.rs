@@ -10,20 +10,26 @@ use std::time::{Duration, Instant};
 
 use common::{OPERATOR, ORDERS, TD, TestCa, WEB, trust};
 use palisade_agent::discovery::{
-    PolicySource, PolicyStatus, PolicyStatusSnapshot, PolicyWatcher, PolicyWatcherConfig,
-    WorkloadInfo,
+    AdvertisedEndpoint, PolicySource, PolicyStatus, PolicyStatusSnapshot, PolicyWatcher,
+    PolicyWatcherConfig, WorkloadInfo,
 };
 use palisade_agent::inbound::SharedPolicy;
+use palisade_agent::outbound::{DiscoveredDestinations, ExpectedPeer};
+use palisade_agent::tls::MtlsMode;
 use palisade_policy::identity::SpiffeId;
 use palisade_policy::spiffe_cert::spiffe_id_of_certificate;
 use palisade_policy::wire as pb;
 use palisade_proto::discovery::v1::discovery_server::{Discovery, DiscoveryServer};
 use palisade_proto::discovery::v1::watch_request::Kind;
-use palisade_proto::discovery::v1::{WatchRequest, WatchResponse, WorkloadRef};
+use palisade_proto::discovery::v1::{
+    MeshDestination, MeshDestinations, WatchRequest, WatchResponse, WorkloadRef,
+};
+use palisade_proto::identity::v1::identity_server::{Identity, IdentityServer};
+use palisade_proto::identity::v1::{CertifyRequest, CertifyResponse};
 use tokio::sync::{mpsc, oneshot, watch};
 use tonic::codegen::tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::TcpIncoming;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::transport::{Certificate, Identity as TlsIdentity, Server, ServerTlsConfig};
 use tonic::{Request, Response, Status, Streaming};
 
 /// Each wait gives up after this long.
@@ -41,10 +47,12 @@ enum Seen {
     Nack(String, String),
 }
 
-/// The operator double: pushes the current `policy` to every stream (again
-/// on every change), ends every stream when `kill` changes.
+/// The operator double: pushes the current `policy` and `destinations` to
+/// every stream (together on subscribe, then each again on its own change),
+/// ends every stream when `kill` changes.
 struct Fake {
     policy: watch::Sender<Option<pb::WorkloadPolicy>>,
+    destinations: watch::Sender<Option<MeshDestinations>>,
     kill: watch::Sender<u64>,
     seen: mpsc::UnboundedSender<Seen>,
 }
@@ -54,6 +62,7 @@ impl Fake {
         let (seen, rx) = mpsc::unbounded_channel();
         let fake = Arc::new(Self {
             policy: watch::channel(None).0,
+            destinations: watch::channel(None).0,
             kill: watch::channel(0).0,
             seen,
         });
@@ -62,6 +71,10 @@ impl Fake {
 
     fn push(&self, policy: pb::WorkloadPolicy) {
         self.policy.send_replace(Some(policy));
+    }
+
+    fn push_destinations(&self, destinations: MeshDestinations) {
+        self.destinations.send_replace(Some(destinations));
     }
 }
 
@@ -92,18 +105,17 @@ impl Discovery for Svc {
         let _ = fake.seen.send(Seen::Subscribe { workload, peer });
         let (tx, rx) = mpsc::channel(4);
         let mut policy = fake.policy.subscribe();
+        let mut destinations = fake.destinations.subscribe();
         let mut kill = fake.kill.subscribe();
         tokio::spawn(async move {
+            // On subscribe: whatever is current, in one response.
+            let mut next = WatchResponse {
+                policy: policy.borrow_and_update().clone(),
+                destinations: destinations.borrow_and_update().clone(),
+            };
             loop {
-                let current = policy.borrow_and_update().clone();
-                if let Some(p) = current
-                    && tx
-                        .send(Ok(WatchResponse {
-                            policy: Some(p),
-                            destinations: None,
-                        }))
-                        .await
-                        .is_err()
+                if (next.policy.is_some() || next.destinations.is_some())
+                    && tx.send(Ok(next)).await.is_err()
                 {
                     return;
                 }
@@ -111,6 +123,18 @@ impl Discovery for Svc {
                     tokio::select! {
                         changed = policy.changed() => {
                             if changed.is_err() { return; }
+                            next = WatchResponse {
+                                policy: policy.borrow_and_update().clone(),
+                                destinations: None,
+                            };
+                            break;
+                        }
+                        changed = destinations.changed() => {
+                            if changed.is_err() { return; }
+                            next = WatchResponse {
+                                policy: None,
+                                destinations: destinations.borrow_and_update().clone(),
+                            };
                             break;
                         }
                         _ = kill.changed() => {
@@ -145,7 +169,7 @@ struct Running {
 async fn serve(fake: &Arc<Fake>, ca: &TestCa, server_id: &str, addr: SocketAddr) -> Running {
     let (cert, key) = ca.leaf_cert(&common::Leaf::spiffe(server_id));
     let tls = ServerTlsConfig::new()
-        .identity(Identity::from_pem(cert.pem(), key.serialize_pem()))
+        .identity(TlsIdentity::from_pem(cert.pem(), key.serialize_pem()))
         .client_ca_root(Certificate::from_pem(&ca.pem));
     let incoming = TcpIncoming::bind(addr).expect("bind");
     let addr = incoming.local_addr().expect("local addr");
@@ -226,6 +250,7 @@ fn unloadable(version: &str) -> pb::WorkloadPolicy {
 struct Agent {
     policy: SharedPolicy,
     status: Arc<PolicyStatus>,
+    destinations: DiscoveredDestinations,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -237,6 +262,14 @@ impl Drop for Agent {
 
 impl Agent {
     fn start(ca: &TestCa, operator: SocketAddr) -> Self {
+        Self::start_advertising(ca, operator, Vec::new())
+    }
+
+    fn start_advertising(
+        ca: &TestCa,
+        operator: SocketAddr,
+        endpoints: Vec<AdvertisedEndpoint>,
+    ) -> Self {
         let trust = trust(&[ca]);
         let store = ca.store(ORDERS);
         let policy = SharedPolicy::default();
@@ -244,6 +277,7 @@ impl Agent {
             pod_name: "orders-5c8d7-x2x9q".into(),
             ports: vec![8080],
             agent_instance_id: "agent-1".into(),
+            endpoints,
             ..Default::default()
         };
         workload.labels.insert("app".into(), "orders".into());
@@ -252,13 +286,30 @@ impl Agent {
         config.backoff_initial = Duration::from_millis(100);
         config.backoff_max = Duration::from_millis(400);
         config.connect_timeout = Duration::from_secs(2);
-        let watcher = PolicyWatcher::new(config, &trust, store, policy.clone()).unwrap();
+        let destinations = DiscoveredDestinations::new();
+        let watcher = PolicyWatcher::new(config, &trust, store, policy.clone())
+            .unwrap()
+            .with_destinations(destinations.clone());
         let status = watcher.status().clone();
         let task = tokio::spawn(watcher.run());
         Self {
             policy,
             status,
+            destinations,
             task,
+        }
+    }
+
+    /// Waits until discovered destinations `version` are in force.
+    async fn wait_destinations(&self, version: &str) {
+        let deadline = Instant::now() + STEP;
+        while self.destinations.version().as_deref() != Some(version) {
+            assert!(
+                Instant::now() < deadline,
+                "destinations {version} not applied within {STEP:?}: {:?}",
+                self.destinations.current()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
@@ -459,4 +510,304 @@ async fn an_operator_with_the_wrong_identity_is_never_subscribed_to() {
     assert!(seen.try_recv().is_err(), "the impostor saw a subscribe");
     assert!(agent.policy.current().is_none());
     assert!(!agent.status.snapshot().connected);
+}
+
+fn mesh(version: &str, entries: &[(&str, u32, &str)]) -> MeshDestinations {
+    MeshDestinations {
+        version: version.into(),
+        destinations: entries
+            .iter()
+            .map(|(network, port, id)| MeshDestination {
+                network: (*network).into(),
+                port: *port,
+                spiffe_id: (*id).into(),
+            })
+            .collect(),
+    }
+}
+
+fn ip(s: &str) -> std::net::IpAddr {
+    s.parse().unwrap()
+}
+
+#[tokio::test]
+async fn the_subscription_advertises_our_mesh_endpoints() {
+    let ca = TestCa::new("mesh root");
+    let (fake, mut seen) = Fake::new();
+    let server = serve(&fake, &ca, OPERATOR, "127.0.0.1:0".parse().unwrap()).await;
+    let endpoints = vec![
+        AdvertisedEndpoint {
+            ip: ip("10.0.0.5"),
+            port: Some(8443),
+        },
+        AdvertisedEndpoint {
+            ip: ip("fd00::5"),
+            port: None,
+        },
+    ];
+    let _agent = Agent::start_advertising(&ca, server.addr, endpoints);
+    let (workload, _) = expect_subscribe(&mut seen).await;
+    let got: Vec<_> = workload
+        .endpoints
+        .iter()
+        .map(|e| (e.ip.as_str(), e.port))
+        .collect();
+    // Port 0 on the wire: every port (transparent capture).
+    assert_eq!(got, vec![("10.0.0.5", 8443), ("fd00::5", 0)]);
+
+    // Nothing to advertise: nothing sent.
+    let (fake, mut seen) = Fake::new();
+    let server = serve(&fake, &ca, OPERATOR, "127.0.0.1:0".parse().unwrap()).await;
+    let _agent = Agent::start(&ca, server.addr);
+    let (workload, _) = expect_subscribe(&mut seen).await;
+    assert!(workload.endpoints.is_empty(), "{:?}", workload.endpoints);
+}
+
+#[tokio::test]
+async fn destinations_are_applied_without_an_answer_and_policies_still_acked() {
+    let ca = TestCa::new("mesh root");
+    let (fake, mut seen) = Fake::new();
+    let server = serve(&fake, &ca, OPERATOR, "127.0.0.1:0".parse().unwrap()).await;
+    let agent = Agent::start(&ca, server.addr);
+    expect_subscribe(&mut seen).await;
+    agent.wait_status("connected", |s| s.connected).await;
+
+    fake.push_destinations(mesh("d1", &[("10.0.0.5/32", 8443, ORDERS)]));
+    agent.wait_destinations("d1").await;
+    let current = agent.destinations.current();
+    assert_eq!(
+        current.table.lookup(ip("10.0.0.5"), 8443),
+        Some(&ExpectedPeer::Id(SpiffeId::parse(ORDERS).unwrap()))
+    );
+    assert!(agent.policy.current().is_none(), "no policy came with it");
+
+    // The next thing the operator hears is the policy's ACK: nothing was
+    // sent for the destinations (replies keep the stream's order).
+    fake.push(policy("v1", &["/orders"]));
+    expect_ack(&mut seen, "v1").await;
+    let s = agent.status.snapshot();
+    assert_eq!((s.acks, s.nacks), (1, 0));
+
+    // A new table replaces the whole previous one; still no answer.
+    fake.push_destinations(mesh("d2", &[("10.0.0.6/32", 0, "*")]));
+    agent.wait_destinations("d2").await;
+    let current = agent.destinations.current();
+    assert_eq!(current.table.lookup(ip("10.0.0.5"), 8443), None);
+    assert_eq!(
+        current.table.lookup(ip("10.0.0.6"), 1),
+        Some(&ExpectedPeer::AnyInTrustDomain)
+    );
+    fake.push(policy("v2", &["/v2"]));
+    expect_ack(&mut seen, "v2").await;
+
+    // The operator goes away: the last table stays in force.
+    server.stop(&fake).await;
+    agent
+        .wait_status("disconnected", |s| !s.connected && s.stream_failures >= 1)
+        .await;
+    assert_eq!(agent.destinations.version().as_deref(), Some("d2"));
+    assert_eq!(agent.destinations.current().table.len(), 1);
+}
+
+#[tokio::test]
+async fn garbage_destinations_are_skipped_and_the_valid_ones_apply() {
+    let ca = TestCa::new("mesh root");
+    let (fake, mut seen) = Fake::new();
+    fake.push(policy("v1", &["/orders"]));
+    fake.push_destinations(mesh(
+        "d1",
+        &[
+            ("10.0.0.5/32", 8443, ORDERS),
+            ("not-an-address", 80, ORDERS),
+            ("10.0.0.0/99", 0, ORDERS),
+            ("10.0.0.7", 70000, ORDERS),
+            // Another trust domain: its certificate could never verify here.
+            ("10.0.0.8/32", 0, "spiffe://evil.example/ns/shop/sa/orders"),
+            ("10.0.0.9/32", 0, "not a spiffe id"),
+            ("10.0.1.0/24", 0, WEB),
+        ],
+    ));
+    let server = serve(&fake, &ca, OPERATOR, "127.0.0.1:0".parse().unwrap()).await;
+    let agent = Agent::start(&ca, server.addr);
+    expect_subscribe(&mut seen).await;
+    // Both came in one response: the policy is ACKed as usual.
+    expect_ack(&mut seen, "v1").await;
+    agent.wait_destinations("d1").await;
+    let current = agent.destinations.current();
+    assert_eq!(current.skipped, 5);
+    assert_eq!(current.table.len(), 2);
+    let pinned = |s: &str| Some(ExpectedPeer::Id(SpiffeId::parse(s).unwrap()));
+    assert_eq!(
+        current.table.lookup(ip("10.0.0.5"), 8443).cloned(),
+        pinned(ORDERS)
+    );
+    assert_eq!(
+        current.table.lookup(ip("10.0.1.77"), 80).cloned(),
+        pinned(WEB)
+    );
+    for skipped in ["10.0.0.7", "10.0.0.8", "10.0.0.9"] {
+        assert_eq!(current.table.lookup(ip(skipped), 80), None, "{skipped}");
+    }
+    // The stream goes on.
+    fake.push(policy("v2", &["/v2"]));
+    expect_ack(&mut seen, "v2").await;
+    drop(server);
+}
+
+// ---------------------------------------------------------------------------
+// The real binary: `run --operator` advertises its inbound endpoint and pins
+// its `--outbound` destination from the pushed table.
+
+/// Certifies every CSR as `WEB` (the token is not checked: one agent only).
+struct CertifyAsWeb(Arc<TestCa>);
+
+#[tonic::async_trait]
+impl Identity for CertifyAsWeb {
+    async fn certify(
+        &self,
+        request: Request<CertifyRequest>,
+    ) -> Result<Response<CertifyResponse>, Status> {
+        let req = request.into_inner();
+        let mut csr = rcgen::CertificateSigningRequestParams::from_pem(&req.csr_pem)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let mut params = rcgen::CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params.subject_alt_names = vec![rcgen::SanType::URI(WEB.try_into().unwrap())];
+        let now = std::time::SystemTime::now();
+        params.not_before = now.into();
+        params.not_after = (now + Duration::from_secs(3600)).into();
+        csr.params = params;
+        let cert = csr
+            .signed_by(&self.0.issuer)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(CertifyResponse {
+            cert_chain_pem: vec![cert.pem()],
+            trust_bundle_pem: vec![self.0.pem.clone()],
+            spiffe_id: WEB.into(),
+            ..Default::default()
+        }))
+    }
+}
+
+/// Identity and Discovery on one TLS port, as the operator serves them
+/// (client certificates optional: the first Certify has none).
+async fn serve_operator(fake: &Arc<Fake>, ca: &Arc<TestCa>) -> SocketAddr {
+    let (cert, key) = ca.leaf_cert(&common::Leaf::spiffe(OPERATOR));
+    let tls = ServerTlsConfig::new()
+        .identity(TlsIdentity::from_pem(cert.pem(), key.serialize_pem()))
+        .client_ca_root(Certificate::from_pem(&ca.pem))
+        .client_auth_optional(true);
+    let incoming = TcpIncoming::bind("127.0.0.1:0".parse().unwrap()).expect("bind");
+    let addr = incoming.local_addr().expect("local addr");
+    let server = Server::builder()
+        .tls_config(tls)
+        .expect("tls config")
+        .add_service(IdentityServer::new(CertifyAsWeb(ca.clone())))
+        .add_service(DiscoveryServer::new(Svc(fake.clone())))
+        .serve_with_incoming(incoming);
+    tokio::spawn(server);
+    addr
+}
+
+/// Connects through the outbound proxy; the echo server's first line is the
+/// client identity it saw. `None`: closed without a byte.
+async fn first_line(proxy: SocketAddr) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut app = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 256];
+    loop {
+        match tokio::time::timeout(STEP, app.read(&mut buf))
+            .await
+            .expect("the proxy left the app's connection open")
+        {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                got.extend_from_slice(&buf[..n]);
+                if got.contains(&b'\n') {
+                    break;
+                }
+            }
+        }
+    }
+    (!got.is_empty()).then(|| String::from_utf8_lossy(&got).trim().to_owned())
+}
+
+#[tokio::test]
+async fn the_sidecar_advertises_its_endpoint_and_pins_from_discovery() {
+    let ca = Arc::new(TestCa::new("mesh root"));
+    let mesh_trust = trust(&[&ca]);
+    let mut orders = common::EchoServer::start(
+        mesh_trust
+            .server_config(ca.store(ORDERS), MtlsMode::Strict)
+            .unwrap(),
+        mesh_trust.clone(),
+    )
+    .await;
+    let network = format!("{}/32", orders.addr.ip());
+    let port = u32::from(orders.addr.port());
+    let (fake, mut seen) = Fake::new();
+    fake.push_destinations(mesh("d1", &[(network.as_str(), port, ORDERS)]));
+    let operator = serve_operator(&fake, &ca).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ca.pem"), &ca.pem).unwrap();
+    std::fs::write(dir.path().join("token"), "tok-web\n").unwrap();
+    let mut cmd = std::process::Command::new(common::AGENT);
+    cmd.arg("run")
+        .args([
+            "--operator",
+            &operator.to_string(),
+            "--operator-id",
+            OPERATOR,
+        ])
+        .arg("--token-file")
+        .arg(dir.path().join("token"))
+        .arg("--trust-bundle")
+        .arg(dir.path().join("ca.pem"))
+        .args(["--admin", "", "--advertise-address", "10.0.0.5"])
+        .args(["--inbound", "0.0.0.0:0=127.0.0.1:1"])
+        .args(["--outbound", &format!("127.0.0.1:0={}", orders.addr)])
+        .env_remove("POD_IP");
+    let mut agent = common::proc::Proc::spawn("agent", "info", cmd);
+    let inbound: SocketAddr = agent
+        .wait_for_field("inbound proxy listening", "listen")
+        .await
+        .parse()
+        .unwrap();
+    let proxy: SocketAddr = agent
+        .wait_for_field("outbound proxy listening", "listen")
+        .await
+        .parse()
+        .unwrap();
+
+    // Advertised: the pod address with the inbound listener's real port.
+    let (workload, peer) = expect_subscribe(&mut seen).await;
+    assert_eq!(peer.as_deref(), Some(WEB));
+    let endpoints: Vec<_> = workload
+        .endpoints
+        .iter()
+        .map(|e| (e.ip.as_str(), e.port))
+        .collect();
+    assert_eq!(endpoints, vec![("10.0.0.5", u32::from(inbound.port()))]);
+
+    // No flag covers the destination; discovery says orders, and it is.
+    agent.wait_for(&["mesh destinations applied", "d1"]).await;
+    assert_eq!(first_line(proxy).await.as_deref(), Some(WEB));
+    assert!(orders.next().await.is_ok());
+
+    // Discovery now says payments is there: the next connection is refused.
+    fake.push_destinations(mesh(
+        "d2",
+        &[(
+            network.as_str(),
+            port,
+            "spiffe://cluster.local/ns/shop/sa/payments",
+        )],
+    ));
+    agent.wait_for(&["mesh destinations applied", "d2"]).await;
+    assert_eq!(first_line(proxy).await, None);
+    assert!(orders.next().await.is_err(), "the handshake must fail");
+    // Never answered: the operator heard nothing after the subscribe.
+    assert!(seen.try_recv().is_err(), "{:?}", seen.try_recv());
 }

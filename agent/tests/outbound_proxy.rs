@@ -22,8 +22,8 @@ use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use palisade_agent::identity::{CertStore, IssuedCert};
 use palisade_agent::outbound::{
-    DestinationTable, OutboundConfig, OutboundError, OutboundMetrics, OutboundOutcome,
-    OutboundProxy, OutboundTarget,
+    DestinationTable, DiscoveredDestinations, DiscoveredTable, OutboundConfig, OutboundError,
+    OutboundMetrics, OutboundOutcome, OutboundProxy, OutboundTarget,
 };
 use palisade_agent::tls::{MeshTrust, MtlsMode};
 use palisade_policy::wire as pb;
@@ -465,6 +465,143 @@ async fn identities_of_another_trust_domain_are_refused_at_start() {
 }
 
 // ---------------------------------------------------------------------------
+// Identities pinned from discovery.
+
+/// The discovered table pinning `id` at `dest` (as the watcher would swap in).
+fn discovered_at(dest: SocketAddr, id: &str, version: &str) -> DiscoveredTable {
+    DiscoveredTable {
+        version: Some(version.into()),
+        table: DestinationTable::parse([format!("{dest}={id}").as_str()]).unwrap(),
+        skipped: 0,
+    }
+}
+
+/// An explicit-mode proxy to `dest` with flag entries `flags` that also
+/// consults `discovered`.
+async fn proxy_with_discovery(
+    dest: SocketAddr,
+    flags: &[String],
+    discovered: &DiscoveredDestinations,
+    trust: &MeshTrust,
+    certs: Arc<CertStore>,
+) -> (SocketAddr, Arc<OutboundMetrics>) {
+    let table = DestinationTable::parse(flags.iter().map(String::as_str)).unwrap();
+    let config =
+        OutboundConfig::new(trust.clone(), certs, table).with_discovered(discovered.clone());
+    let metrics = config.metrics.clone();
+    let proxy = OutboundProxy::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        OutboundTarget::Fixed(dest),
+        config,
+    )
+    .await
+    .unwrap();
+    let addr = proxy.local_addr().unwrap();
+    tokio::spawn(proxy.run());
+    (addr, metrics)
+}
+
+/// Sends `msg` through the proxy and returns what came back before close.
+async fn round_trip(proxy: SocketAddr, msg: &[u8]) -> Vec<u8> {
+    let mut app = TcpStream::connect(proxy).await.unwrap();
+    // The proxy may already have closed (refused handshake): ignore errors.
+    let _ = app.write_all(msg).await;
+    let _ = app.shutdown().await;
+    read_until_closed(&mut app).await
+}
+
+#[tokio::test]
+async fn the_identity_discovery_says_is_pinned_per_connection() {
+    let ca = TestCa::new("mesh root");
+    let trust = trust(&[&ca]);
+    // The server at dest is orders; no flag covers dest.
+    let mut server = TlsServer::start(&ca, ORDERS, &trust).await;
+    let discovered = DiscoveredDestinations::new();
+    discovered.replace(discovered_at(server.addr, ORDERS, "d1"));
+    let (proxy, metrics) =
+        proxy_with_discovery(server.addr, &[], &discovered, &trust, ca.store(WEB)).await;
+
+    // Discovery says orders: tunnelled, echoed, the server's half-close answer back.
+    assert_eq!(round_trip(proxy, b"first").await, b"firstbye");
+    assert_eq!(
+        server.next_handshake().await.unwrap().peer.as_deref(),
+        Some(WEB)
+    );
+    assert_eq!(server.received(), b"first");
+    assert_eq!(metrics.connections(OutboundOutcome::Mtls), 1);
+
+    // Discovery now says payments lives there; the server is still orders:
+    // the very next connection is refused, and nothing reaches the server app.
+    discovered.replace(discovered_at(server.addr, PAYMENTS, "d2"));
+    assert!(round_trip(proxy, b"second").await.is_empty());
+    assert!(
+        server.next_handshake().await.is_err(),
+        "handshake must fail"
+    );
+    assert_eq!(
+        server.received(),
+        b"first",
+        "no byte of the second connection"
+    );
+    assert_eq!(metrics.connections(OutboundOutcome::HandshakeFailed), 1);
+    assert_eq!(metrics.connections(OutboundOutcome::Mtls), 1);
+
+    // And back: orders again works again.
+    discovered.replace(discovered_at(server.addr, ORDERS, "d3"));
+    assert_eq!(round_trip(proxy, b"third").await, b"thirdbye");
+    assert_eq!(server.received(), b"firstthird");
+    assert_eq!(metrics.connections(OutboundOutcome::Mtls), 2);
+}
+
+#[tokio::test]
+async fn flags_override_discovery() {
+    let ca = TestCa::new("mesh root");
+    let trust = trust(&[&ca]);
+    let mut server = TlsServer::start(&ca, ORDERS, &trust).await;
+    let discovered = DiscoveredDestinations::new();
+    // Discovery is wrong about this destination; the flag is right and wins.
+    discovered.replace(discovered_at(server.addr, PAYMENTS, "d1"));
+    let flag = format!("{}={ORDERS}", server.addr);
+    let (proxy, metrics) =
+        proxy_with_discovery(server.addr, &[flag], &discovered, &trust, ca.store(WEB)).await;
+    assert_eq!(round_trip(proxy, b"ping").await, b"pingbye");
+    assert!(server.next_handshake().await.is_ok());
+    assert_eq!(metrics.connections(OutboundOutcome::Mtls), 1);
+
+    // The other way round: a flag pinning payments beats discovery saying
+    // orders (the real server), so the connection is refused.
+    let discovered = DiscoveredDestinations::new();
+    discovered.replace(discovered_at(server.addr, ORDERS, "d1"));
+    let flag = format!("{}={PAYMENTS}", server.addr);
+    let (proxy, metrics) =
+        proxy_with_discovery(server.addr, &[flag], &discovered, &trust, ca.store(WEB)).await;
+    assert!(round_trip(proxy, b"pong").await.is_empty());
+    assert!(server.next_handshake().await.is_err());
+    assert_eq!(server.received(), b"ping");
+    assert_eq!(metrics.connections(OutboundOutcome::HandshakeFailed), 1);
+}
+
+#[tokio::test]
+async fn discovery_without_an_entry_for_the_destination_accepts_the_trust_domain() {
+    // An explicit destination is always meshed: covered by neither table,
+    // any identity of the trust domain is accepted (never plaintext).
+    let ca = TestCa::new("mesh root");
+    let trust = trust(&[&ca]);
+    let mut server = TlsServer::start(&ca, ORDERS, &trust).await;
+    let discovered = DiscoveredDestinations::new();
+    discovered.replace(DiscoveredTable {
+        version: Some("d1".into()),
+        table: DestinationTable::parse([format!("10.255.0.1={PAYMENTS}").as_str()]).unwrap(),
+        skipped: 0,
+    });
+    let (proxy, metrics) =
+        proxy_with_discovery(server.addr, &[], &discovered, &trust, ca.store(WEB)).await;
+    assert_eq!(round_trip(proxy, b"hi").await, b"hibye");
+    assert!(server.next_handshake().await.is_ok());
+    assert_eq!(metrics.connections(OutboundOutcome::Mtls), 1);
+}
+
+// ---------------------------------------------------------------------------
 // End to end with the real binaries.
 
 /// Writes `ca.pem`, and `NAME.pem` / `NAME.key` for each identity.
@@ -664,9 +801,49 @@ fn run_help_describes_the_outbound_and_transparent_flags() {
         "--outbound-detect-timeout-ms",
         "--outbound-connect-timeout-ms",
         "--inbound <LISTEN=APP>",
+        "--advertise-address <IP>",
+        "[env: POD_IP",
     ] {
         assert!(help.contains(flag), "{flag} missing:\n{help}");
     }
+    // An advertise address nobody can reach is refused by name; an empty
+    // POD_IP is no address at all (and gets as far as the trust bundle).
+    let advertise = |value: &str, env: &str| {
+        Command::new(AGENT)
+            .env("POD_IP", env)
+            .args([
+                "run",
+                "--trust-bundle",
+                "/nonexistent",
+                "--cert",
+                "c",
+                "--key",
+                "k",
+            ])
+            .args(["--admin", "", "--outbound", "127.0.0.1:1=127.0.0.1:2"])
+            .args(if value.is_empty() {
+                vec![]
+            } else {
+                vec!["--advertise-address", value]
+            })
+            .output()
+            .unwrap()
+    };
+    for bad in ["0.0.0.0", "::", "224.0.0.1", "pod-ip"] {
+        let out = advertise(bad, "");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(
+            err.contains("--advertise-address") && err.contains(bad),
+            "{bad}: {err}"
+        );
+    }
+    let out = advertise("", "");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !err.contains("--advertise-address") && err.contains("/nonexistent"),
+        "{err}"
+    );
     // Without any of --inbound / --transparent / --outbound: a usage error.
     let out = Command::new(AGENT)
         .args([

@@ -1,5 +1,5 @@
-//! `/config_dump`: the compiled policy the agent enforces and its identity,
-//! as JSON, for operators debugging "why was this denied". Secrets never
+//! `/config_dump`: the compiled policy the agent enforces, its identity and
+//! the outbound proxy's meshed destinations (flags and discovery), as JSON, for operators debugging "why was this denied". Secrets never
 //! appear: API-key hashes are replaced by `"[redacted]"` (the policy never
 //! carries a key itself), and the private key stays in the process.
 
@@ -32,6 +32,7 @@ pub fn render(state: &AdminState) -> String {
         "runtime": state.runtime,
         "identity": identity,
         "policy": policy,
+        "mesh_destinations": state.destinations.as_ref().map(|d| d.to_json()),
     });
     let mut text = serde_json::to_string_pretty(&dump).unwrap_or_else(|_| "{}".to_owned());
     text.push('\n');

@@ -46,6 +46,12 @@ impl PrometheusSource for crate::outbound::OutboundMetrics {
     }
 }
 
+impl PrometheusSource for crate::outbound::DestinationSources {
+    fn render_prometheus(&self, out: &mut String) {
+        crate::outbound::DestinationSources::render_prometheus(self, out);
+    }
+}
+
 impl PrometheusSource for crate::discovery::PolicyStatus {
     fn render_prometheus(&self, out: &mut String) {
         crate::discovery::PolicyStatus::render_prometheus(self, out);
@@ -84,6 +90,8 @@ pub struct AdminState {
     sources: Vec<Arc<dyn PrometheusSource>>,
     /// Static facts for `/config_dump` (listeners, mode, policy source).
     pub(crate) runtime: serde_json::Value,
+    /// The outbound proxy's meshed destinations (flags and discovery).
+    pub(crate) destinations: Option<crate::outbound::DestinationSources>,
     /// `/app-health/<name>` probes of the app ([`app_probe`]).
     app_probes: Vec<app_probe::AppProbe>,
 }
@@ -106,6 +114,7 @@ impl AdminState {
             require_policy: false,
             sources: Vec::new(),
             runtime: serde_json::Value::Null,
+            destinations: None,
             app_probes: Vec::new(),
         }
     }
@@ -128,6 +137,14 @@ impl AdminState {
 
     pub fn with_metrics(mut self, source: Arc<dyn PrometheusSource>) -> Self {
         self.sources.push(source);
+        self
+    }
+
+    /// Shows the outbound destination tables in `/config_dump` and their
+    /// sizes on `/metrics`.
+    pub fn with_destinations(mut self, sources: crate::outbound::DestinationSources) -> Self {
+        self.sources.push(Arc::new(sources.clone()));
+        self.destinations = Some(sources);
         self
     }
 
@@ -659,6 +676,75 @@ palisade_identity_renewal_failures_total 1
         assert_eq!(
             resp.headers()[header::CONTENT_TYPE],
             "text/plain; version=0.0.4; charset=utf-8"
+        );
+    }
+
+    async fn body(state: &AdminState, path: &str) -> String {
+        let resp = respond_state(state, &Method::GET, path);
+        let bytes = http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn destinations_show_in_config_dump_and_metrics() {
+        use crate::outbound::{
+            DestinationTable, DiscoveredDestinations, DiscoveredTable, OutboundConfig,
+        };
+        const ORDERS: &str = "spiffe://cluster.local/ns/shop/sa/orders";
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let root = params.self_signed(&key).unwrap();
+        let bundle = crate::tls::TrustBundle::from_der(vec![root.der().clone()]).unwrap();
+        let trust =
+            crate::tls::MeshTrust::new(crate::tls::SharedTrustBundle::new(bundle), "cluster.local")
+                .unwrap();
+        let discovered = DiscoveredDestinations::new();
+        let config = OutboundConfig::new(
+            trust,
+            Arc::new(CertStore::new()),
+            DestinationTable::parse(["10.9.0.0/16=*"]).unwrap(),
+        )
+        .with_discovered(discovered.clone());
+        let state = AdminState::new(Arc::new(IdentityStatus::new(Arc::new(CertStore::new()))))
+            .with_destinations(config.destination_sources());
+
+        let dump: serde_json::Value =
+            serde_json::from_str(&body(&state, "/config_dump").await).unwrap();
+        assert_eq!(dump["mesh_destinations"]["flags"][0], "10.9.0.0/16=*");
+        assert_eq!(
+            dump["mesh_destinations"]["discovery"]["version"],
+            serde_json::Value::Null
+        );
+        let metrics = body(&state, "/metrics").await;
+        assert!(
+            metrics.contains("palisade_agent_mesh_destinations{source=\"flag\"} 1\n"),
+            "{metrics}"
+        );
+        assert!(
+            metrics.contains("palisade_agent_mesh_destinations{source=\"discovery\"} 0\n"),
+            "{metrics}"
+        );
+
+        // A push shows up at once, in both.
+        discovered.replace(DiscoveredTable {
+            version: Some("d7".into()),
+            table: DestinationTable::parse([format!("10.0.0.5:8443={ORDERS}").as_str()]).unwrap(),
+            skipped: 1,
+        });
+        let dump: serde_json::Value =
+            serde_json::from_str(&body(&state, "/config_dump").await).unwrap();
+        let d = &dump["mesh_destinations"]["discovery"];
+        assert_eq!(d["version"], "d7");
+        assert_eq!(d["entries"][0], format!("10.0.0.5/32:8443={ORDERS}"));
+        assert_eq!(d["skipped"], 1);
+        let metrics = body(&state, "/metrics").await;
+        assert!(
+            metrics.contains("palisade_agent_mesh_destinations{source=\"discovery\"} 1\n"),
+            "{metrics}"
         );
     }
 }

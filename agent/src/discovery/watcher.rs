@@ -2,13 +2,18 @@
 //!
 //! One stream at a time: connect over mutual TLS (our certificate from the
 //! [`CertStore`], the operator's checked by the SPIFFE verifier), name
-//! ourselves, then for every `WorkloadPolicy`: load it completely, swap it in
-//! as a whole and ACK, or keep the previous one and NACK with the reason.
-//! When the stream fails the policy in force stays in force (DESIGN §1) and
-//! the watcher reconnects with jittered exponential backoff.
+//! ourselves (with the endpoints where we terminate mTLS), then for every
+//! response: its `MeshDestinations`, if any, become the outbound proxy's
+//! discovered table (not ACKed: bad entries are skipped, the rest applies);
+//! its `WorkloadPolicy`, if any, is loaded completely, swapped in as a whole
+//! and ACKed, or refused with a NACK and the previous one kept. A response
+//! with neither is NACKed. When the stream fails the policy and the table in
+//! force stay in force (DESIGN §1) and the watcher reconnects with jittered
+//! exponential backoff.
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,7 +21,9 @@ use palisade_policy::identity::SpiffeId;
 use palisade_policy::wire::WorkloadPolicy;
 use palisade_proto::discovery::v1::discovery_client::DiscoveryClient;
 use palisade_proto::discovery::v1::watch_request::Kind;
-use palisade_proto::discovery::v1::{Ack, Nack, WatchRequest, WatchResponse, WorkloadRef};
+use palisade_proto::discovery::v1::{
+    Ack, MeshDestinations, MeshEndpoint, Nack, WatchRequest, WatchResponse, WorkloadRef,
+};
 use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
 use tokio::sync::mpsc;
@@ -24,10 +31,12 @@ use tonic::codegen::tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
 
 use super::connect::Connector;
+use super::destinations::table_from_wire;
 use super::status::PolicyStatus;
 use crate::authn::JwtOptions;
 use crate::identity::{Backoff, CertStore};
 use crate::inbound::{LoadedPolicy, SharedPolicy};
+use crate::outbound::DiscoveredDestinations;
 use crate::tls::{MeshTrust, TlsConfigError};
 
 /// Compiled policies with large JSON Schemas can exceed tonic's 4 MiB default.
@@ -38,6 +47,25 @@ const MAX_REASON_BYTES: usize = 1024;
 
 /// How often to look for the first certificate before subscribing.
 const CERT_POLL: Duration = Duration::from_millis(100);
+
+/// Where this agent terminates mTLS for its workload, as advertised to the
+/// operator (which builds every agent's outbound table from them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AdvertisedEndpoint {
+    pub ip: IpAddr,
+    /// `None`: every port of `ip` (transparent capture).
+    pub port: Option<u16>,
+}
+
+impl fmt::Display for AdvertisedEndpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.ip, self.port) {
+            (IpAddr::V6(ip), Some(port)) => write!(f, "[{ip}]:{port}"),
+            (ip, Some(port)) => write!(f, "{ip}:{port}"),
+            (ip, None) => write!(f, "{ip}:*"),
+        }
+    }
+}
 
 /// Who this agent is, beyond its certificate.
 #[derive(Clone, Debug, Default)]
@@ -52,6 +80,9 @@ pub struct WorkloadInfo {
     pub ports: Vec<u16>,
     /// Stable id of this agent instance (pod UID or random).
     pub agent_instance_id: String,
+    /// Where this agent accepts mTLS for the workload; empty: nothing to
+    /// advertise (other agents then learn no destination for us).
+    pub endpoints: Vec<AdvertisedEndpoint>,
 }
 
 #[derive(Clone, Debug)]
@@ -109,6 +140,10 @@ pub struct PolicyWatcher {
     store: Arc<CertStore>,
     policy: SharedPolicy,
     status: Arc<PolicyStatus>,
+    /// Where pushed `MeshDestinations` go.
+    destinations: DiscoveredDestinations,
+    /// Entries naming another trust domain are skipped.
+    trust_domain: String,
 }
 
 impl fmt::Debug for PolicyWatcher {
@@ -146,7 +181,19 @@ impl PolicyWatcher {
             store,
             policy,
             status: Arc::new(PolicyStatus::new()),
+            destinations: DiscoveredDestinations::new(),
+            trust_domain: trust.trust_domain().to_owned(),
         })
+    }
+
+    /// Shares the discovered destination table with the outbound proxy.
+    pub fn with_destinations(mut self, destinations: DiscoveredDestinations) -> Self {
+        self.destinations = destinations;
+        self
+    }
+
+    pub fn destinations(&self) -> &DiscoveredDestinations {
+        &self.destinations
     }
 
     /// Shares the status with `/config_dump` and `/metrics`.
@@ -213,7 +260,14 @@ impl PolicyWatcher {
             labels: w.labels.clone().into_iter().collect(),
             ports: w.ports.iter().map(|&p| u32::from(p)).collect(),
             agent_instance_id: w.agent_instance_id.clone(),
-            endpoints: vec![],
+            endpoints: w
+                .endpoints
+                .iter()
+                .map(|e| MeshEndpoint {
+                    ip: e.ip.to_string(),
+                    port: e.port.map_or(0, u32::from),
+                })
+                .collect(),
         }
     }
 
@@ -266,7 +320,9 @@ impl PolicyWatcher {
         );
         while let Some(response) = responses.message().await? {
             backoff.reset();
-            let reply = self.apply(response);
+            let Some(reply) = self.apply(response) else {
+                continue;
+            };
             if tx.send(reply).await.is_err() {
                 // The request stream is gone: so is the call.
                 break;
@@ -275,11 +331,40 @@ impl PolicyWatcher {
         Ok(())
     }
 
-    /// Loads one pushed version; the answer to send back.
-    fn apply(&self, response: WatchResponse) -> WatchRequest {
-        let Some(policy) = response.policy else {
-            return self.nack(String::new(), "response carries no policy".into());
-        };
+    /// Applies one response: destinations first (never answered), then the
+    /// policy (ACK or NACK). `None`: nothing to send back.
+    fn apply(&self, response: WatchResponse) -> Option<WatchRequest> {
+        let had_destinations = response.destinations.is_some();
+        if let Some(destinations) = response.destinations {
+            self.apply_destinations(&destinations);
+        }
+        match response.policy {
+            Some(policy) => Some(self.apply_policy(policy)),
+            None if had_destinations => None,
+            None => Some(self.nack(
+                String::new(),
+                "response carries no policy and no destinations".into(),
+            )),
+        }
+    }
+
+    /// Swaps in the pushed destination table, unless that version is
+    /// already in force (typically after a reconnect).
+    fn apply_destinations(&self, wire: &MeshDestinations) {
+        if !wire.version.is_empty()
+            && self.destinations.version().as_deref() == Some(wire.version.as_str())
+        {
+            tracing::debug!(version = %wire.version, "mesh destinations already in force");
+            return;
+        }
+        let table = table_from_wire(wire, &self.trust_domain);
+        let (entries, skipped) = (table.table.len(), table.skipped);
+        self.destinations.replace(table);
+        tracing::info!(version = %wire.version, entries, skipped, "mesh destinations applied");
+    }
+
+    /// Loads one pushed policy version; the answer to send back.
+    fn apply_policy(&self, policy: WorkloadPolicy) -> WatchRequest {
         let version = policy.version.clone();
         if version.is_empty() {
             return self.nack(version, "policy has no version".into());
@@ -378,6 +463,102 @@ mod tests {
         assert_eq!(r.ports, vec![8080]);
         assert_eq!(r.labels.get("app").map(String::as_str), Some("orders"));
         assert_eq!(r.agent_instance_id, "i-1");
+        assert!(r.endpoints.is_empty());
+    }
+
+    #[test]
+    fn workload_ref_carries_the_endpoints() {
+        let info = WorkloadInfo {
+            endpoints: vec![
+                AdvertisedEndpoint {
+                    ip: "10.0.0.5".parse().unwrap(),
+                    port: Some(8443),
+                },
+                AdvertisedEndpoint {
+                    ip: "fd00::5".parse().unwrap(),
+                    port: None,
+                },
+            ],
+            ..Default::default()
+        };
+        let w = watcher("127.0.0.1:15012", info).unwrap();
+        let id = SpiffeId::parse("spiffe://cluster.local/ns/shop/sa/orders").unwrap();
+        let r = w.workload_ref(&id);
+        let got: Vec<_> = r
+            .endpoints
+            .iter()
+            .map(|e| (e.ip.as_str(), e.port))
+            .collect();
+        assert_eq!(got, vec![("10.0.0.5", 8443), ("fd00::5", 0)]);
+    }
+
+    fn destinations(version: &str, entries: &[(&str, u32, &str)]) -> MeshDestinations {
+        MeshDestinations {
+            version: version.into(),
+            destinations: entries
+                .iter()
+                .map(|(n, p, i)| palisade_proto::discovery::v1::MeshDestination {
+                    network: (*n).into(),
+                    port: *p,
+                    spiffe_id: (*i).into(),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn destinations_only_are_applied_without_an_answer() {
+        let w = watcher("127.0.0.1:15012", WorkloadInfo::default()).unwrap();
+        const ORDERS: &str = "spiffe://cluster.local/ns/shop/sa/orders";
+        let reply = w.apply(WatchResponse {
+            policy: None,
+            destinations: Some(destinations(
+                "d1",
+                &[
+                    ("10.0.0.5/32", 8443, ORDERS),
+                    ("10.0.0.6/32", 0, "spiffe://other.example/ns/a/sa/b"),
+                ],
+            )),
+        });
+        assert!(reply.is_none(), "destinations are never ACKed: {reply:?}");
+        let current = w.destinations().current();
+        assert_eq!(current.version.as_deref(), Some("d1"));
+        assert_eq!((current.table.len(), current.skipped), (1, 1));
+        assert_eq!(w.status.snapshot().nacks, 0);
+
+        // Same version again: the table in force is kept as is.
+        let before = w.destinations().current();
+        assert!(
+            w.apply(WatchResponse {
+                policy: None,
+                destinations: Some(destinations("d1", &[])),
+            })
+            .is_none()
+        );
+        assert!(Arc::ptr_eq(&before, &w.destinations().current()));
+
+        // A new version replaces the whole table, even with an empty one.
+        w.apply(WatchResponse {
+            policy: None,
+            destinations: Some(destinations("d2", &[])),
+        });
+        assert!(w.destinations().current().table.is_empty());
+    }
+
+    #[test]
+    fn a_response_with_neither_is_nacked() {
+        let w = watcher("127.0.0.1:15012", WorkloadInfo::default()).unwrap();
+        let reply = w.apply(WatchResponse::default());
+        assert!(
+            matches!(
+                reply,
+                Some(WatchRequest {
+                    kind: Some(Kind::Nack(_))
+                })
+            ),
+            "{reply:?}"
+        );
+        assert_eq!(w.status.snapshot().nacks, 1);
     }
 
     #[test]

@@ -211,27 +211,7 @@ impl FromStr for DestinationEntry {
             }
         };
 
-        let (addr_text, prefix_text) = match net.split_once('/') {
-            Some((a, p)) => (a, Some(p)),
-            None => (net, None),
-        };
-        let addr: IpAddr = addr_text
-            .parse()
-            .map_err(|_| DestinationParseError::Address {
-                entry: entry.clone(),
-                part: addr_text.to_owned(),
-            })?;
-        let network = match prefix_text {
-            None => IpNetwork::host(addr),
-            Some(p) => p
-                .parse::<u8>()
-                .ok()
-                .and_then(|len| IpNetwork::new(addr, len))
-                .ok_or_else(|| DestinationParseError::Prefix {
-                    entry: entry.clone(),
-                    part: p.to_owned(),
-                })?,
-        };
+        let network = parse_network(&entry, net)?;
         let port = match port {
             None => None,
             Some(p) => Some(p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| {
@@ -241,21 +221,79 @@ impl FromStr for DestinationEntry {
                 }
             })?),
         };
-        let peer = match id {
-            "*" => ExpectedPeer::AnyInTrustDomain,
-            id => ExpectedPeer::Id(SpiffeId::parse(id).map_err(|reason| {
-                DestinationParseError::Identity {
-                    entry: entry.clone(),
-                    part: id.to_owned(),
-                    reason,
-                }
-            })?),
-        };
+        let peer = parse_peer(&entry, id)?;
         Ok(Self {
             network,
             port,
             peer,
         })
+    }
+}
+
+impl DestinationEntry {
+    /// An entry from its parts as discovery sends them (`MeshDestination`):
+    /// `network` an address or CIDR, `port` 0 for every port, `spiffe_id` a
+    /// workload SPIFFE ID or `*`. Whether the ID is of our trust domain is
+    /// the caller's check, as for flags.
+    pub fn from_parts(
+        network: &str,
+        port: u32,
+        spiffe_id: &str,
+    ) -> Result<Self, DestinationParseError> {
+        let entry = format!("{network}:{port}={spiffe_id}");
+        let network = parse_network(&entry, network.trim())?;
+        let port = match port {
+            0 => None,
+            p => Some(u16::try_from(p).map_err(|_| DestinationParseError::Port {
+                entry: entry.clone(),
+                part: p.to_string(),
+            })?),
+        };
+        let peer = parse_peer(&entry, spiffe_id.trim())?;
+        Ok(Self {
+            network,
+            port,
+            peer,
+        })
+    }
+}
+
+/// `addr[/prefix]`; `entry` is quoted in the error.
+fn parse_network(entry: &str, net: &str) -> Result<IpNetwork, DestinationParseError> {
+    let (addr_text, prefix_text) = match net.split_once('/') {
+        Some((a, p)) => (a, Some(p)),
+        None => (net, None),
+    };
+    let addr: IpAddr = addr_text
+        .parse()
+        .map_err(|_| DestinationParseError::Address {
+            entry: entry.to_owned(),
+            part: addr_text.to_owned(),
+        })?;
+    match prefix_text {
+        None => Ok(IpNetwork::host(addr)),
+        Some(p) => p
+            .parse::<u8>()
+            .ok()
+            .and_then(|len| IpNetwork::new(addr, len))
+            .ok_or_else(|| DestinationParseError::Prefix {
+                entry: entry.to_owned(),
+                part: p.to_owned(),
+            }),
+    }
+}
+
+/// A workload SPIFFE ID or `*`.
+fn parse_peer(entry: &str, id: &str) -> Result<ExpectedPeer, DestinationParseError> {
+    match id {
+        "*" => Ok(ExpectedPeer::AnyInTrustDomain),
+        id => SpiffeId::parse(id).map(ExpectedPeer::Id).map_err(|reason| {
+            DestinationParseError::Identity {
+                entry: entry.to_owned(),
+                part: id.to_owned(),
+                reason,
+            }
+        }),
     }
 }
 
@@ -321,6 +359,10 @@ impl DestinationTable {
 
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
     }
 }
 
@@ -490,5 +532,46 @@ mod tests {
         let e: DestinationEntry = format!(" 10.0.0.1:80 = {ORDERS} ").parse().unwrap();
         assert_eq!(e.port, Some(80));
         assert_eq!(e.peer, id(ORDERS));
+    }
+
+    #[test]
+    fn entries_from_discovery_parts() {
+        let e = DestinationEntry::from_parts("10.0.0.5/32", 8443, ORDERS).unwrap();
+        assert_eq!(e.network, IpNetwork::host(ip("10.0.0.5")));
+        assert_eq!(e.port, Some(8443));
+        assert_eq!(e.peer, id(ORDERS));
+        // Port 0: every port; a bare address is a host; `*` any identity.
+        let e = DestinationEntry::from_parts("fd00::7", 0, "*").unwrap();
+        assert_eq!(e.network, IpNetwork::host(ip("fd00::7")));
+        assert_eq!(e.port, None);
+        assert_eq!(e.peer, ExpectedPeer::AnyInTrustDomain);
+        // Host bits are cleared as for flags.
+        let e = DestinationEntry::from_parts("10.1.2.3/16", 0, ORDERS).unwrap();
+        assert_eq!(e.network.to_string(), "10.1.0.0/16");
+
+        let err = |n: &str, p: u32, i: &str| DestinationEntry::from_parts(n, p, i).unwrap_err();
+        assert!(matches!(
+            err("", 80, ORDERS),
+            DestinationParseError::Address { .. }
+        ));
+        assert!(matches!(
+            err("orders.shop", 80, ORDERS),
+            DestinationParseError::Address { .. }
+        ));
+        assert!(matches!(
+            err("10.0.0.0/40", 80, ORDERS),
+            DestinationParseError::Prefix { .. }
+        ));
+        assert!(
+            matches!(err("10.0.0.5", 70000, ORDERS), DestinationParseError::Port { part, .. } if part == "70000")
+        );
+        assert!(matches!(
+            err("10.0.0.5", 80, "spiffe://cluster.local/orders"),
+            DestinationParseError::Identity { .. }
+        ));
+        assert!(matches!(
+            err("10.0.0.5", 80, ""),
+            DestinationParseError::Identity { .. }
+        ));
     }
 }

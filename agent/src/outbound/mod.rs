@@ -17,8 +17,12 @@
 //!    original destination of a connection iptables redirected (transparent
 //!    mode, [`crate::orig_dst`]); a connection to the listener itself is a
 //!    loop and is refused;
-//! 2. [`DestinationTable`] lookup: meshed → mTLS; unmatched (transparent mode
-//!    only) → plain TCP passthrough or deny, as configured;
+//! 2. [`DestinationTable`] lookup, the `--mesh-destination` flags first, then
+//!    the table discovery pushed ([`DiscoveredDestinations`], read once per
+//!    connection so a push applies to the next one): meshed → mTLS; unmatched
+//!    (transparent mode only) → plain TCP passthrough or deny, as configured;
+//!    an explicit destination neither covers accepts any identity of the
+//!    trust domain;
 //! 3. mTLS: our current certificate from the [`CertStore`] (renewals apply to
 //!    new connections), the mesh trust bundle, the expected SPIFFE ID pinned
 //!    in the verifier; any failure closes the app's connection — a meshed
@@ -29,6 +33,7 @@
 
 pub mod destinations;
 pub mod detect;
+pub mod discovered;
 pub mod metrics;
 
 use std::collections::HashMap;
@@ -54,7 +59,15 @@ pub use destinations::{
     DestinationEntry, DestinationParseError, DestinationTable, ExpectedPeer, IpNetwork,
 };
 pub use detect::{Alpn, detect_alpn};
+pub use discovered::{DestinationSources, DiscoveredDestinations, DiscoveredTable};
 pub use metrics::{OutboundMetrics, OutboundOutcome};
+
+/// What an explicit destination no table covers must present.
+static ANY_IN_TRUST_DOMAIN: ExpectedPeer = ExpectedPeer::AnyInTrustDomain;
+
+/// Beyond this many cached TLS connectors the cache starts over: with
+/// discovery the identities seen change over a long life.
+const MAX_CONNECTORS: usize = 1024;
 
 /// DESIGN §6: the outbound listener's port in transparent mode.
 pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
@@ -99,7 +112,10 @@ pub struct OutboundConfig {
     /// Our certificate, presented to every destination; read per handshake,
     /// so a renewed certificate is used by the next connection.
     pub certs: Arc<CertStore>,
+    /// `--mesh-destination` flags: consulted first, so they override discovery.
     pub destinations: Arc<DestinationTable>,
+    /// The table discovery pushes; `None`: no discovery configured.
+    pub discovered: Option<DiscoveredDestinations>,
     /// Transparent mode only: explicit destinations are always meshed.
     pub unmatched: UnmatchedPolicy,
     /// Longest the TCP connect to a destination may take.
@@ -118,12 +134,37 @@ impl OutboundConfig {
             trust,
             certs,
             destinations: Arc::new(destinations),
+            discovered: None,
             unmatched: UnmatchedPolicy::default(),
             connect_timeout: Duration::from_secs(5),
             handshake_timeout: Duration::from_secs(10),
             detect_timeout: Duration::from_millis(200),
             metrics: Arc::default(),
         }
+    }
+
+    /// Also consults `discovered` for destinations the flags do not cover.
+    pub fn with_discovered(mut self, discovered: DiscoveredDestinations) -> Self {
+        self.discovered = Some(discovered);
+        self
+    }
+
+    /// Both tables, for `/config_dump` and `/metrics`.
+    pub fn destination_sources(&self) -> DestinationSources {
+        DestinationSources {
+            flags: self.destinations.clone(),
+            discovered: self.discovered.clone(),
+        }
+    }
+
+    /// Whom the server at `dest` must be now: the flags' entry, else
+    /// discovery's; `None` when neither covers it.
+    pub fn expected_peer(&self, dest: SocketAddr) -> Option<ExpectedPeer> {
+        let (ip, port) = (dest.ip(), dest.port());
+        self.destinations.lookup(ip, port).cloned().or_else(|| {
+            let current = self.discovered.as_ref()?.current();
+            current.table.lookup(ip, port).cloned()
+        })
     }
 }
 
@@ -142,13 +183,11 @@ pub enum OutboundError {
     Tls(#[from] TlsConfigError),
 }
 
-/// Where connections of one listener go, resolved at bind time.
+/// Where connections of one listener go. Whom the destination must be is
+/// looked up per connection, so a discovery push applies to the next one.
 #[derive(Debug)]
 enum Route {
-    Fixed {
-        dest: SocketAddr,
-        peer: ExpectedPeer,
-    },
+    Fixed(SocketAddr),
     OriginalDst,
 }
 
@@ -175,8 +214,8 @@ impl OutboundProxy {
     /// Binds `listen`. Fails (at start, not per connection) on a table entry
     /// of another trust domain, a fixed destination that is the listener
     /// itself, or a TLS configuration rustls refuses. An explicit destination
-    /// with no table entry accepts any identity of the trust domain, with a
-    /// warning.
+    /// no table covers accepts any identity of the trust domain (warned about
+    /// here when no flag covers it and discovery is not configured).
     pub async fn bind(
         listen: SocketAddr,
         target: OutboundTarget,
@@ -213,19 +252,16 @@ impl OutboundProxy {
                 if dest == bound {
                     return Err(OutboundError::Loop(dest));
                 }
-                let peer = match config.destinations.lookup(dest.ip(), dest.port()) {
-                    Some(peer) => peer.clone(),
-                    None => {
-                        tracing::warn!(
-                            %dest,
-                            trust_domain,
-                            "no --mesh-destination covers this --outbound destination: \
-                             any workload identity of the trust domain is accepted"
-                        );
-                        ExpectedPeer::AnyInTrustDomain
-                    }
-                };
-                Route::Fixed { dest, peer }
+                let flagged = config.destinations.lookup(dest.ip(), dest.port()).is_some();
+                if !flagged && config.discovered.is_none() {
+                    tracing::warn!(
+                        %dest,
+                        trust_domain,
+                        "no --mesh-destination covers this --outbound destination: \
+                         any workload identity of the trust domain is accepted"
+                    );
+                }
+                Route::Fixed(dest)
             }
             OutboundTarget::OriginalDst => Route::OriginalDst,
         };
@@ -244,10 +280,11 @@ impl OutboundProxy {
         self.listener.local_addr()
     }
 
-    /// Explicit mode: the destination and whom it must be.
-    pub fn fixed_destination(&self) -> Option<(SocketAddr, &ExpectedPeer)> {
+    /// Explicit mode: the destination (whom it must be may change with
+    /// discovery: [`OutboundConfig::expected_peer`]).
+    pub fn fixed_destination(&self) -> Option<SocketAddr> {
         match &self.shared.route {
-            Route::Fixed { dest, peer } => Some((*dest, peer)),
+            Route::Fixed(dest) => Some(*dest),
             Route::OriginalDst => None,
         }
     }
@@ -294,7 +331,11 @@ impl Shared {
             .client_config(Some(certs), key.0.clone())?;
         config.alpn_protocols = alpn.protocols();
         let connector = TlsConnector::from(Arc::new(config));
-        self.connectors.lock().insert(key, connector.clone());
+        let mut cache = self.connectors.lock();
+        if cache.len() >= MAX_CONNECTORS {
+            cache.clear();
+        }
+        cache.insert(key, connector.clone());
         Ok(connector)
     }
 
@@ -314,17 +355,10 @@ impl Shared {
 
 async fn connection(shared: Arc<Shared>, app: TcpStream, app_addr: SocketAddr) {
     let _ = app.set_nodelay(true);
-    let (dest, expected) = match &shared.route {
-        Route::Fixed { dest, peer } => (*dest, Some(peer.clone())),
+    let dest = match &shared.route {
+        Route::Fixed(dest) => *dest,
         Route::OriginalDst => match original_dst(&app) {
-            Ok(dest) => {
-                let peer = shared
-                    .config
-                    .destinations
-                    .lookup(dest.ip(), dest.port())
-                    .cloned();
-                (dest, peer)
-            }
+            Ok(dest) => dest,
             Err(e) => {
                 // Not redirected by iptables: we cannot know where it was going.
                 tracing::warn!(app = %app_addr, error = %e, "no original destination; closing");
@@ -338,8 +372,22 @@ async fn connection(shared: Arc<Shared>, app: TcpStream, app_addr: SocketAddr) {
         shared.record(OutboundOutcome::Denied);
         return;
     }
+    // Flags first (they override discovery), then one snapshot of the
+    // discovered table, kept for this connection only.
+    let discovered;
+    let mut expected = shared.config.destinations.lookup(dest.ip(), dest.port());
+    if expected.is_none()
+        && let Some(d) = &shared.config.discovered
+    {
+        discovered = d.current();
+        expected = discovered.table.lookup(dest.ip(), dest.port());
+    }
+    if expected.is_none() && matches!(shared.route, Route::Fixed(_)) {
+        // Explicit mode is always meshed.
+        expected = Some(&ANY_IN_TRUST_DOMAIN);
+    }
     match expected {
-        Some(peer) => mtls(&shared, app, dest, &peer).await,
+        Some(peer) => mtls(&shared, app, dest, peer).await,
         None => match shared.config.unmatched {
             UnmatchedPolicy::Passthrough => passthrough(&shared, app, dest).await,
             UnmatchedPolicy::Deny => {

@@ -12,7 +12,7 @@
 mod identity_origin;
 mod policy_origin;
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,20 +21,23 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::admin::{self, AdminState, IdentityStatus};
-use crate::discovery::PolicyStatus;
+use crate::discovery::{AdvertisedEndpoint, PolicyStatus};
 use crate::identity::{CertStore, Renewer};
 use crate::inbound::{
     AppProtocol, AppTarget, InboundConfig, InboundProxy, PortProtocol, SharedPolicy,
 };
 use crate::outbound::{
-    DestinationEntry, DestinationTable, OutboundConfig, OutboundProxy, OutboundTarget,
-    UnmatchedPolicy,
+    DestinationEntry, DestinationTable, DiscoveredDestinations, OutboundConfig, OutboundProxy,
+    OutboundTarget, UnmatchedPolicy,
 };
 use crate::ratelimit::{GlobalRateLimiter, GlobalRateLimiterConfig};
 use crate::tls::{MeshTrust, SharedTrustBundle, TrustBundle};
 
 pub use identity_origin::{IdentityOrigin, IdentityOriginError, OperatorEndpoint};
 pub use policy_origin::{DiscoveryOptions, PolicyFileError, PolicyOrigin};
+
+/// The operator refuses a subscription advertising more endpoints.
+const MAX_ADVERTISED_ENDPOINTS: usize = 16;
 
 /// The UID `palisade-agent init` exempts from capture by default.
 const DEFAULT_PROXY_UID: u32 = 2137;
@@ -71,8 +74,12 @@ pub struct SidecarOptions {
     pub transparent: Option<TransparentPorts>,
     /// Explicit outbound listeners, always meshed.
     pub outbound: Vec<ExplicitListener>,
-    /// The meshed destinations and the identity each must present.
+    /// The meshed destinations and the identity each must present; they
+    /// override what discovery says for the same destinations.
     pub mesh_destinations: Vec<DestinationEntry>,
+    /// This pod's addresses (`--advertise-address`), advertised to the
+    /// operator where the inbound listener accepts on every address.
+    pub advertise_addresses: Vec<IpAddr>,
     /// Transparent mode: connections to destinations no entry covers.
     pub outbound_unmatched: UnmatchedPolicy,
     /// How long the outbound proxy waits for the app's first bytes to pick ALPN.
@@ -146,24 +153,10 @@ impl Sidecar {
         let renewer = options
             .identity
             .provision(&trust, &options.trust_domain, &store)?;
-        // Until the first version arrives from the operator every request
-        // is denied.
-        if let (PolicyOrigin::Discovery(discovery), Some((_, app))) =
-            (&options.policy, &inbound_listener)
-        {
-            let ports = match app {
-                AppTarget::Fixed(a) => vec![a.port()],
-                // Transparent: any port may be the app's; every policy port applies.
-                _ => Vec::new(),
-            };
-            let watcher = discovery
-                .watcher(ports, &trust, &store, &policy)
-                .context("policy stream configuration")?
-                .with_status(policy_status.clone());
-            let operator = &discovery.operator.address;
-            tracing::info!(%operator, "policy from the operator's discovery stream");
-            tokio::spawn(watcher.run());
-        }
+        // With an operator, discovery also says whom outbound destinations
+        // must be (the last table stays in force while it is away).
+        let discovered =
+            matches!(options.policy, PolicyOrigin::Discovery(_)).then(DiscoveredDestinations::new);
 
         let status = Arc::new(IdentityStatus::new(store.clone()));
         if let Some(renewer) = &renewer {
@@ -179,8 +172,10 @@ impl Sidecar {
             .with_metrics(policy_status.clone());
 
         let mut inbound_proxies = Vec::new();
+        // The bound inbound address and the app target, for discovery.
+        let mut inbound_bound = None;
         if let Some((listen, app)) = inbound_listener {
-            let mut inbound = InboundConfig::new(app, trust.clone(), store.clone(), policy);
+            let mut inbound = InboundConfig::new(app, trust.clone(), store.clone(), policy.clone());
             if let Some(config) = &options.global_rate_limits {
                 let limiter = GlobalRateLimiter::new(config)
                     .with_context(|| format!("--ratelimit-redis {:?}", config.url))?;
@@ -197,7 +192,9 @@ impl Sidecar {
             let proxy = InboundProxy::bind(listen, inbound)
                 .await
                 .with_context(|| format!("cannot listen on {listen} (--inbound)"))?;
-            tracing::info!(listen = %proxy.local_addr()?, app = ?app, "inbound proxy listening");
+            let bound = proxy.local_addr()?;
+            tracing::info!(listen = %bound, app = ?app, "inbound proxy listening");
+            inbound_bound = Some((bound, app));
             admin_state = admin_state.with_metrics(Arc::new(proxy.stats()));
             inbound_proxies.push(proxy);
         }
@@ -208,8 +205,37 @@ impl Sidecar {
         for entry in options.mesh_destinations {
             table.insert(entry).context("--mesh-destination")?;
         }
+
+        // Until the first version arrives from the operator every inbound
+        // request is denied. Started once the inbound listener is bound, so
+        // the advertised port is the real one.
+        if let (PolicyOrigin::Discovery(discovery), Some(discovered)) =
+            (&options.policy, &discovered)
+        {
+            let ports = match inbound_bound {
+                Some((_, AppTarget::Fixed(a))) => vec![a.port()],
+                // Transparent (any port may be the app's) or outbound only:
+                // every policy port applies.
+                _ => Vec::new(),
+            };
+            let endpoints = advertised_endpoints(inbound_bound, &options.advertise_addresses);
+            let watcher = discovery
+                .watcher(ports, endpoints, &trust, &store, &policy)
+                .context("policy stream configuration")?
+                .with_status(policy_status.clone())
+                .with_destinations(discovered.clone());
+            let operator = &discovery.operator.address;
+            tracing::info!(%operator, "policy and mesh destinations from the operator's discovery stream");
+            tokio::spawn(watcher.run());
+        }
+
         let mut outbound = OutboundConfig::new(trust, store, table);
-        admin_state = admin_state.with_metrics(outbound.metrics.clone());
+        if let Some(discovered) = discovered {
+            outbound = outbound.with_discovered(discovered);
+        }
+        admin_state = admin_state
+            .with_metrics(outbound.metrics.clone())
+            .with_destinations(outbound.destination_sources());
         outbound.unmatched = options.outbound_unmatched;
         outbound.detect_timeout = options.outbound_detect_timeout;
         outbound.connect_timeout = options.outbound_connect_timeout;
@@ -298,12 +324,15 @@ async fn bind_outbound(
             .with_context(|| format!("outbound listener {listen}"))?;
         let bound = proxy.local_addr()?;
         match proxy.fixed_destination() {
-            Some((dest, expected)) => {
-                tracing::info!(listen = %bound, %dest, %expected, "outbound proxy listening")
+            Some(dest) => {
+                let expected = config.expected_peer(dest).map(|p| p.to_string());
+                let expected = expected.as_deref().unwrap_or("(from discovery, else any)");
+                tracing::info!(listen = %bound, %dest, expected, "outbound proxy listening")
             }
             None => tracing::info!(
                 listen = %bound,
                 destinations = config.destinations.entries().len(),
+                discovery = config.discovered.is_some(),
                 unmatched = ?config.unmatched,
                 "outbound proxy listening (transparent)"
             ),
@@ -311,6 +340,61 @@ async fn bind_outbound(
         proxies.push(proxy);
     }
     Ok(proxies)
+}
+
+/// Where this agent terminates mTLS, for the operator: an explicit inbound
+/// listener on one address is that address and port; on every address
+/// (`0.0.0.0`, `::`), each `--advertise-address` with its port; transparent
+/// capture, each `--advertise-address` with every port. Empty (and logged
+/// why) when there is nothing to advertise.
+fn advertised_endpoints(
+    inbound: Option<(SocketAddr, AppTarget)>,
+    advertise: &[IpAddr],
+) -> Vec<AdvertisedEndpoint> {
+    let every = |port: Option<u16>| -> Vec<AdvertisedEndpoint> {
+        let mut v: Vec<_> = advertise
+            .iter()
+            .map(|ip| AdvertisedEndpoint {
+                ip: ip.to_canonical(),
+                port,
+            })
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    };
+    let endpoints = match inbound {
+        None => {
+            tracing::info!("no inbound listener: no mesh endpoint advertised to the operator");
+            return Vec::new();
+        }
+        Some((_, AppTarget::OriginalDst)) => every(None),
+        Some((listen, _)) if listen.ip().is_unspecified() => every(Some(listen.port())),
+        Some((listen, _)) => vec![AdvertisedEndpoint {
+            ip: listen.ip().to_canonical(),
+            port: Some(listen.port()),
+        }],
+    };
+    let mut endpoints = endpoints;
+    if endpoints.len() > MAX_ADVERTISED_ENDPOINTS {
+        // The operator refuses a subscription with more.
+        tracing::warn!(
+            count = endpoints.len(),
+            max = MAX_ADVERTISED_ENDPOINTS,
+            "too many --advertise-address values; advertising the first ones only"
+        );
+        endpoints.truncate(MAX_ADVERTISED_ENDPOINTS);
+    }
+    if endpoints.is_empty() {
+        tracing::info!(
+            "the inbound listener accepts on every address and no --advertise-address \
+             (or POD_IP) names this pod's: no mesh endpoint advertised to the operator"
+        );
+    } else {
+        let list: Vec<String> = endpoints.iter().map(ToString::to_string).collect();
+        tracing::info!(endpoints = ?list, "mesh endpoints advertised to the operator");
+    }
+    endpoints
 }
 
 /// Serves every proxy as a task; sending `true` on the returned channel
@@ -354,6 +438,59 @@ fn warn_unless_proxy_uid() {
             uid = meta.uid(),
             "--transparent: running as a UID other than 2137; unless `init --proxy-uid` \
              names this UID, the agent's own connections are captured and loop"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ep(ip: &str, port: Option<u16>) -> AdvertisedEndpoint {
+        AdvertisedEndpoint {
+            ip: ip.parse().unwrap(),
+            port,
+        }
+    }
+
+    #[test]
+    fn advertised_endpoints_follow_the_inbound_listener() {
+        let app = AppTarget::Fixed("127.0.0.1:8080".parse().unwrap());
+        let pod: Vec<IpAddr> = vec!["10.0.0.5".parse().unwrap(), "fd00::5".parse().unwrap()];
+
+        // A listener on one address: that address, whatever was advertised.
+        let one = Some(("10.1.1.1:8443".parse().unwrap(), app));
+        assert_eq!(
+            advertised_endpoints(one, &pod),
+            vec![ep("10.1.1.1", Some(8443))]
+        );
+        // On every address: each advertise address with the listen port.
+        let any = Some(("0.0.0.0:8443".parse().unwrap(), app));
+        assert_eq!(
+            advertised_endpoints(any, &pod),
+            vec![ep("10.0.0.5", Some(8443)), ep("fd00::5", Some(8443))]
+        );
+        let any6 = Some(("[::]:8443".parse().unwrap(), app));
+        assert_eq!(advertised_endpoints(any6, &pod).len(), 2);
+        // ... and nothing without one.
+        assert!(advertised_endpoints(any, &[]).is_empty());
+        // Transparent: every port of each advertise address.
+        let transparent = Some(("0.0.0.0:15006".parse().unwrap(), AppTarget::OriginalDst));
+        assert_eq!(
+            advertised_endpoints(transparent, &pod),
+            vec![ep("10.0.0.5", None), ep("fd00::5", None)]
+        );
+        assert!(advertised_endpoints(transparent, &[]).is_empty());
+        // No inbound listener: nothing.
+        assert!(advertised_endpoints(None, &pod).is_empty());
+        // Repeated and IPv4-mapped addresses collapse.
+        let dup: Vec<IpAddr> = vec![
+            "10.0.0.5".parse().unwrap(),
+            "::ffff:10.0.0.5".parse().unwrap(),
+        ];
+        assert_eq!(
+            advertised_endpoints(transparent, &dup),
+            vec![ep("10.0.0.5", None)]
         );
     }
 }

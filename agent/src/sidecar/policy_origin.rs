@@ -10,7 +10,8 @@ use prost::Message;
 
 use super::OperatorEndpoint;
 use crate::discovery::{
-    DiscoveryError, PolicySource, PolicyWatcher, PolicyWatcherConfig, WorkloadInfo,
+    AdvertisedEndpoint, DiscoveryError, PolicySource, PolicyWatcher, PolicyWatcherConfig,
+    WorkloadInfo,
 };
 use crate::identity::CertStore;
 use crate::inbound::{LoadedPolicy, SharedPolicy};
@@ -23,8 +24,8 @@ pub enum PolicyOrigin {
     /// A binary `WorkloadPolicy` (from `palisadectl policy compile`), loaded
     /// at start; the sidecar does not start if it cannot be enforced.
     File(PathBuf),
-    /// The operator's discovery stream, when there is an inbound proxy to
-    /// enforce it.
+    /// The operator's discovery stream: the policy (enforced when there is
+    /// an inbound proxy) and the outbound proxy's discovered destinations.
     Discovery(DiscoveryOptions),
     /// No policy: every inbound request is denied.
     None,
@@ -61,10 +62,12 @@ pub struct DiscoveryOptions {
 
 impl DiscoveryOptions {
     /// The discovery client keeping `policy` in step with the operator;
-    /// `ports` are the application ports this agent fronts (empty: all).
+    /// `ports` are the application ports this agent fronts (empty: all),
+    /// `endpoints` where it terminates mTLS for them.
     pub(super) fn watcher(
         &self,
         ports: Vec<u16>,
+        endpoints: Vec<AdvertisedEndpoint>,
         trust: &MeshTrust,
         store: &Arc<CertStore>,
         policy: &SharedPolicy,
@@ -80,6 +83,7 @@ impl DiscoveryOptions {
             labels: self.labels.clone(),
             ports,
             agent_instance_id,
+            endpoints,
         };
         let mut config = PolicyWatcherConfig::new(self.operator.address.clone(), workload);
         config.operator_id = self.operator.id.clone();
