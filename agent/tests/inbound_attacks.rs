@@ -5,127 +5,46 @@
 
 mod common;
 
-use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
-use common::backend::{Http, loopback, serve};
-use common::{ORDERS, TestCa, WEB, trust};
-use http::Response;
-use http_body_util::Full;
-use hyper::body::Bytes;
-use palisade_agent::authn::JwtOptions;
-use palisade_agent::inbound::{InboundConfig, InboundProxy, LoadedPolicy, SharedPolicy};
-use palisade_agent::tls::MeshTrust;
-use palisade_policy::wire as pb;
-use parking_lot::Mutex;
-use rustls_pki_types::ServerName;
+use common::WEB;
+use common::inbound::{RequestLog, TestProxy, exchange, mesh_policy, shared};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
 /// Upper bound on any wait in these tests.
 const WAIT: Duration = Duration::from_secs(10);
 
-/// An app (HTTP/1.1 and h2c) that records `METHOD target` of every request;
-/// `/slow` never answers.
-#[derive(Clone, Default)]
-struct Backend(Arc<Mutex<Vec<String>>>);
-
-impl Backend {
-    async fn start() -> (Self, SocketAddr) {
-        let backend = Backend::default();
-        let addr = serve(
-            loopback().await,
-            Http::Auto,
-            backend.clone(),
-            |backend: Backend, req| async move {
-                backend
-                    .0
-                    .lock()
-                    .push(format!("{} {}", req.method(), req.uri()));
-                if req.uri().path() == "/slow" {
-                    std::future::pending::<()>().await;
-                }
-                Response::new(Full::new(Bytes::from_static(b"app")))
-            },
-        );
-        (backend, addr)
-    }
-
-    fn seen(&self) -> Vec<String> {
-        self.0.lock().clone()
-    }
-}
-
 struct Setup {
-    ca: TestCa,
-    trust: MeshTrust,
-    proxy: SocketAddr,
-    backend: Backend,
-}
-
-fn policy() -> pb::WorkloadPolicy {
-    pb::WorkloadPolicy {
-        version: "v1".into(),
-        workload: "shop/orders".into(),
-        trust_domain: common::TD.into(),
-        default_action: pb::DefaultAction::AllAuthenticated as i32,
-        default_mtls: pb::MtlsMode::Strict as i32,
-        ..Default::default()
-    }
+    proxy: TestProxy,
+    /// What the app (HTTP/1.1 and h2c) received; `/slow` never answers.
+    backend: RequestLog,
 }
 
 /// A proxy with small limits, so each attack is cheap to mount.
 async fn setup() -> Setup {
-    let ca = TestCa::new("mesh root");
-    let trust = trust(&[&ca]);
-    let (backend, app) = Backend::start().await;
-    let policy = SharedPolicy::new(Some(
-        LoadedPolicy::load(policy(), JwtOptions::default()).unwrap(),
-    ));
-    let mut config = InboundConfig::new(app, trust.clone(), ca.store(ORDERS), policy);
-    config.limits.max_header_bytes = 16 * 1024;
-    config.limits.max_headers = 20;
-    config.limits.max_request_target = 1024;
-    config.limits.header_read_timeout = Duration::from_millis(500);
-    config.limits.h2_max_concurrent_streams = 2;
-    let proxy = InboundProxy::bind("127.0.0.1:0".parse().unwrap(), config)
-        .await
-        .unwrap();
-    let addr = proxy.local_addr().unwrap();
-    tokio::spawn(proxy.run());
-    Setup {
-        ca,
-        trust,
-        proxy: addr,
-        backend,
-    }
+    let (backend, app) = RequestLog::start(Some("/slow")).await;
+    let proxy = TestProxy::start(app, shared(Some(mesh_policy(vec![]))), |config| {
+        config.limits.max_header_bytes = 16 * 1024;
+        config.limits.max_headers = 20;
+        config.limits.max_request_target = 1024;
+        config.limits.header_read_timeout = Duration::from_millis(500);
+        config.limits.h2_max_concurrent_streams = 2;
+    })
+    .await;
+    Setup { proxy, backend }
 }
 
 impl Setup {
     async fn tls(&self, alpn: &[u8]) -> TlsStream<TcpStream> {
-        let mut config = self
-            .trust
-            .client_config(Some(self.ca.store(WEB)), None)
-            .unwrap();
-        config.alpn_protocols = vec![alpn.to_vec()];
-        let tcp = TcpStream::connect(self.proxy).await.unwrap();
-        TlsConnector::from(Arc::new(config))
-            .connect(ServerName::try_from("mesh.invalid").unwrap(), tcp)
-            .await
-            .unwrap()
+        self.proxy.tls_as(WEB, Some(alpn)).await.unwrap()
     }
 
     /// Writes raw bytes on a fresh HTTP/1.1 connection and reads until the
     /// proxy closes it (or the upper bound passes); the text read.
     async fn raw(&self, bytes: &[u8]) -> String {
-        let mut tls = self.tls(b"http/1.1").await;
-        // The proxy may close before reading everything: ignore write errors.
-        let _ = tls.write_all(bytes).await;
-        let mut out = Vec::new();
-        let _ = tokio::time::timeout(WAIT, tls.read_to_end(&mut out)).await;
+        let out = exchange(self.tls(b"http/1.1").await, bytes, false, WAIT).await;
         String::from_utf8_lossy(&out).into_owned()
     }
 

@@ -12,21 +12,13 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use common::backend::{Http, loopback, serve};
-use common::{ORDERS, TestCa, WEB, trust};
+use common::inbound::{TestProxy, header, mesh_policy, route_prefix, shared};
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Bytes, Frame};
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use palisade_agent::authn::JwtOptions;
-use palisade_agent::inbound::{InboundConfig, InboundProxy, LoadedPolicy, SharedPolicy};
-use palisade_agent::tls::MeshTrust;
 use palisade_policy::wire as pb;
 use parking_lot::Mutex;
-use rustls::ClientConfig;
-use rustls_pki_types::ServerName;
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
-use tokio_rustls::TlsConnector;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -200,16 +192,6 @@ impl Backend {
     }
 }
 
-fn route(id: &str, prefix: &str) -> pb::Route {
-    pb::Route {
-        id: id.into(),
-        path: Some(pb::PathMatch {
-            kind: Some(pb::path_match::Kind::Prefix(prefix.into())),
-        }),
-        ..Default::default()
-    }
-}
-
 const LIMIT: u64 = 1024;
 
 const PAYMENT_SCHEMA: &str = r#"{
@@ -229,22 +211,22 @@ const PAYMENT_SCHEMA: &str = r#"{
 /// - `/account`: `/ssn` redacted, `/card/number` masked (last 4 shown);
 /// - everything else: no body rules.
 fn policy() -> pb::WorkloadPolicy {
-    let mut upload = route("upload", "/upload");
+    let mut upload = route_prefix("upload", "/upload");
     upload.validation = Some(pb::Validation {
         max_body_bytes: LIMIT,
         ..Default::default()
     });
-    let mut typed = route("typed", "/typed");
+    let mut typed = route_prefix("typed", "/typed");
     typed.validation = Some(pb::Validation {
         content_types: vec!["application/json".into()],
         ..Default::default()
     });
-    let mut payments = route("payments", "/payments");
+    let mut payments = route_prefix("payments", "/payments");
     payments.validation = Some(pb::Validation {
         json_schema: PAYMENT_SCHEMA.into(),
         ..Default::default()
     });
-    let mut account = route("account", "/account");
+    let mut account = route_prefix("account", "/account");
     account.response = Some(pb::ResponseRules {
         redact: vec!["/ssn".into()],
         mask: vec![pb::MaskRule {
@@ -252,43 +234,18 @@ fn policy() -> pb::WorkloadPolicy {
             show_last: 4,
         }],
     });
-    pb::WorkloadPolicy {
-        version: "v1".into(),
-        workload: "shop/orders".into(),
-        trust_domain: common::TD.into(),
-        default_action: pb::DefaultAction::AllAuthenticated as i32,
-        default_mtls: pb::MtlsMode::Strict as i32,
-        routes: vec![upload, typed, payments, account],
-        ..Default::default()
-    }
+    mesh_policy(vec![upload, typed, payments, account])
 }
 
 struct Setup {
-    ca: TestCa,
-    trust: MeshTrust,
-    proxy: SocketAddr,
+    proxy: TestProxy,
     backend: Backend,
 }
 
 async fn setup() -> Setup {
-    let ca = TestCa::new("mesh root");
-    let trust = trust(&[&ca]);
     let (backend, app) = Backend::start().await;
-    let policy = SharedPolicy::new(Some(
-        LoadedPolicy::load(policy(), JwtOptions::default()).expect("policy loads"),
-    ));
-    let config = InboundConfig::new(app, trust.clone(), ca.store(ORDERS), policy);
-    let proxy = InboundProxy::bind("127.0.0.1:0".parse().unwrap(), config)
-        .await
-        .expect("bind");
-    let addr = proxy.local_addr().unwrap();
-    tokio::spawn(proxy.run());
-    Setup {
-        ca,
-        trust,
-        proxy: addr,
-        backend,
-    }
+    let proxy = TestProxy::start(app, shared(Some(policy())), |_| {}).await;
+    Setup { proxy, backend }
 }
 
 /// What the client got back.
@@ -305,7 +262,7 @@ impl Answer {
     }
 
     fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).and_then(|v| v.to_str().ok())
+        header(&self.headers, name)
     }
 
     /// The fixed deny body for `error`, and nothing else.
@@ -323,23 +280,6 @@ impl Answer {
 }
 
 impl Setup {
-    fn client_config(&self, alpn: &[u8]) -> ClientConfig {
-        let mut c = self
-            .trust
-            .client_config(Some(self.ca.store(WEB)), None)
-            .unwrap();
-        c.alpn_protocols = vec![alpn.to_vec()];
-        c
-    }
-
-    async fn tls(&self, alpn: &[u8]) -> tokio_rustls::client::TlsStream<TcpStream> {
-        let tcp = TcpStream::connect(self.proxy).await.unwrap();
-        TlsConnector::from(Arc::new(self.client_config(alpn)))
-            .connect(ServerName::try_from("mesh.invalid").unwrap(), tcp)
-            .await
-            .expect("handshake")
-    }
-
     /// One HTTP/1.1 request over mTLS as WEB. `Err` when the connection
     /// failed before a whole response arrived.
     async fn send<B>(
@@ -353,11 +293,7 @@ impl Setup {
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
-        let tls = self.tls(b"http/1.1").await;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-            .await
-            .expect("h1 handshake");
-        tokio::spawn(conn);
+        let mut sender = self.proxy.h1().await;
         let mut req = Request::builder()
             .method(method)
             .uri(target)
@@ -442,12 +378,7 @@ async fn chunked_body_over_the_limit_is_cut_off_at_the_limit() {
 #[tokio::test]
 async fn http2_body_over_the_limit_is_413_and_cut_off_at_the_limit() {
     let s = setup().await;
-    let tls = s.tls(b"h2").await;
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
-            .await
-            .expect("h2 handshake");
-    tokio::spawn(conn);
+    let mut sender = s.proxy.h2().await;
     // DATA frames without Content-Length: only counting can catch them.
     let (tx, rx) = mpsc::channel(4);
     for _ in 0..4 {
@@ -507,12 +438,7 @@ async fn wrong_content_type_is_415_for_http1_and_for_http2_without_a_length() {
 
     // HTTP/2 DATA without Content-Length: the engine sees no body in the
     // headers, the agent sees one.
-    let tls = s.tls(b"h2").await;
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
-            .await
-            .expect("h2 handshake");
-    tokio::spawn(conn);
+    let mut sender = s.proxy.h2().await;
     let (tx, rx) = mpsc::channel(1);
     tx.send(Bytes::from_static(b"<xml/>")).await.unwrap();
     drop(tx);
@@ -551,9 +477,7 @@ async fn schema_valid_json_reaches_the_app_byte_for_byte_with_a_content_length()
     let sent = parts.concat();
     assert_eq!(seen.body, sent);
     assert_eq!(
-        seen.headers
-            .get("content-length")
-            .and_then(|v| v.to_str().ok()),
+        header(&seen.headers, "content-length"),
         Some(sent.len().to_string().as_str())
     );
     assert!(seen.headers.get("transfer-encoding").is_none());
@@ -632,12 +556,7 @@ async fn masked_json_response_has_secrets_removed_and_an_exact_content_length() 
 
     // The app was asked for an unencoded, whole document.
     let seen = s.backend.only_request().await;
-    assert_eq!(
-        seen.headers
-            .get("accept-encoding")
-            .and_then(|v| v.to_str().ok()),
-        Some("identity")
-    );
+    assert_eq!(header(&seen.headers, "accept-encoding"), Some("identity"));
     assert!(seen.headers.get("range").is_none());
 }
 
@@ -685,12 +604,7 @@ async fn routes_without_body_rules_stream_a_large_body_unchanged() {
     assert!(seen.body == parts.concat(), "body changed on the way");
     // Streamed, not buffered and re-framed with a length.
     assert!(seen.headers.get("content-length").is_none());
-    assert_eq!(
-        seen.headers
-            .get("transfer-encoding")
-            .and_then(|v| v.to_str().ok()),
-        Some("chunked")
-    );
+    assert_eq!(header(&seen.headers, "transfer-encoding"), Some("chunked"));
     // No masking request header on a route without a mask.
     assert!(seen.headers.get("accept-encoding").is_none());
 }

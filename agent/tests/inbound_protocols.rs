@@ -12,25 +12,19 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use common::WEB;
 use common::backend::{Http, loopback, serve};
-use common::{ORDERS, TestCa, WEB, trust};
+use common::inbound::{TestProxy, exchange, mesh_policy, route_prefix, shared};
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Bytes, Frame, Incoming};
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use palisade_agent::authn::JwtOptions;
-use palisade_agent::inbound::{
-    InboundConfig, InboundProxy, LoadedPolicy, PortProtocol, SharedPolicy,
-};
-use palisade_agent::tls::MeshTrust;
+use hyper_util::rt::TokioIo;
+use palisade_agent::inbound::{InboundConfig, PortProtocol};
 use palisade_policy::wire as pb;
 use parking_lot::Mutex;
-use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
-use tokio_rustls::TlsConnector;
-use tokio_rustls::client::TlsStream;
 
 const WAIT: Duration = Duration::from_secs(10);
 const EVIL: &str = "spiffe://cluster.local/ns/shop/sa/evil";
@@ -102,18 +96,13 @@ async fn h2c_app() -> (Log, SocketAddr) {
 }
 
 fn route(id: &str, prefix: &str, deny_principals: &[&str]) -> pb::Route {
-    pb::Route {
-        id: id.into(),
-        path: Some(pb::PathMatch {
-            kind: Some(pb::path_match::Kind::Prefix(prefix.into())),
-        }),
-        deny: vec![pb::Rule {
-            id: "deny".into(),
-            principals: deny_principals.iter().map(|p| (*p).to_owned()).collect(),
-            ..Default::default()
-        }],
+    let mut route = route_prefix(id, prefix);
+    route.deny = vec![pb::Rule {
+        id: "deny".into(),
+        principals: deny_principals.iter().map(|p| (*p).to_owned()).collect(),
         ..Default::default()
-    }
+    }];
+    route
 }
 
 /// Mesh default; `/admin` and `/pkg.Admin/` denied to everyone; the EVIL
@@ -122,65 +111,17 @@ fn route(id: &str, prefix: &str, deny_principals: &[&str]) -> pb::Route {
 fn policy() -> pb::WorkloadPolicy {
     let mut evil = route("no-evil", "/", &[EVIL]);
     evil.path = None;
-    pb::WorkloadPolicy {
-        version: "v1".into(),
-        workload: "shop/orders".into(),
-        trust_domain: common::TD.into(),
-        default_action: pb::DefaultAction::AllAuthenticated as i32,
-        default_mtls: pb::MtlsMode::Strict as i32,
-        routes: vec![
-            route("admin", "/admin", &[]),
-            route("grpc-admin", "/pkg.Admin/", &[]),
-            evil,
-        ],
-        ..Default::default()
-    }
+    mesh_policy(vec![
+        route("admin", "/admin", &[]),
+        route("grpc-admin", "/pkg.Admin/", &[]),
+        evil,
+    ])
 }
 
-struct Proxy {
-    ca: TestCa,
-    trust: MeshTrust,
-    addr: SocketAddr,
-}
-
-async fn proxy(app: SocketAddr, configure: impl FnOnce(&mut InboundConfig)) -> Proxy {
-    let ca = TestCa::new("mesh root");
-    let trust = trust(&[&ca]);
-    let policy = SharedPolicy::new(Some(
-        LoadedPolicy::load(policy(), JwtOptions::default()).unwrap(),
-    ));
-    let mut config = InboundConfig::new(app, trust.clone(), ca.store(ORDERS), policy);
-    configure(&mut config);
-    let proxy = InboundProxy::bind("127.0.0.1:0".parse().unwrap(), config)
-        .await
-        .unwrap();
-    let addr = proxy.local_addr().unwrap();
-    tokio::spawn(proxy.run());
-    Proxy { ca, trust, addr }
-}
-
-impl Proxy {
-    async fn tls_as(&self, id: &str, alpn: Option<&[u8]>) -> std::io::Result<TlsStream<TcpStream>> {
-        let mut config = self
-            .trust
-            .client_config(Some(self.ca.store(id)), None)
-            .unwrap();
-        config.alpn_protocols = alpn.map(|a| vec![a.to_vec()]).unwrap_or_default();
-        let tcp = TcpStream::connect(self.addr).await?;
-        TlsConnector::from(Arc::new(config))
-            .connect(ServerName::try_from("mesh.invalid").unwrap(), tcp)
-            .await
-    }
-
-    async fn h2(&self) -> hyper::client::conn::http2::SendRequest<ChanBody> {
-        let tls = self.tls_as(WEB, Some(b"h2")).await.unwrap();
-        let (sender, conn) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
-                .await
-                .unwrap();
-        tokio::spawn(conn);
-        sender
-    }
+/// The proxy in front of `app` under [`policy`], its config adjusted by
+/// `configure`.
+async fn proxy(app: SocketAddr, configure: impl FnOnce(&mut InboundConfig)) -> TestProxy {
+    TestProxy::start(app, shared(Some(policy())), configure).await
 }
 
 /// A gRPC message: uncompressed flag, big-endian length, payload.
@@ -519,10 +460,8 @@ async fn opaque_port_echoes_after_mtls_and_refuses_plaintext_and_denied_identiti
     .await;
 
     // Plaintext: no TLS, no identity: cut off, the app sees nothing.
-    let mut tcp = TcpStream::connect(p.addr).await.unwrap();
-    let _ = tcp.write_all(b"PING plaintext\r\n").await;
-    let mut buf = Vec::new();
-    let _ = tokio::time::timeout(WAIT, tcp.read_to_end(&mut buf)).await;
+    let tcp = TcpStream::connect(p.addr).await.unwrap();
+    let buf = exchange(tcp, b"PING plaintext\r\n", false, WAIT).await;
     assert!(!buf.windows(9).any(|w| w == b"plaintext"));
 
     // A mesh identity the policy denies: cut off before the app sees a byte.
@@ -597,20 +536,7 @@ async fn auto_port_detects_http_and_passes_server_first_protocols() {
 #[tokio::test]
 async fn run_until_drains_in_flight_requests_then_returns() {
     let (log, app) = h2c_app().await;
-    let ca = TestCa::new("mesh root");
-    let t = trust(&[&ca]);
-    let policy = SharedPolicy::new(Some(
-        LoadedPolicy::load(policy(), JwtOptions::default()).unwrap(),
-    ));
-    let config = InboundConfig::new(app, t.clone(), ca.store(ORDERS), policy);
-    let proxy = InboundProxy::bind("127.0.0.1:0".parse().unwrap(), config)
-        .await
-        .unwrap();
-    let p = Proxy {
-        addr: proxy.local_addr().unwrap(),
-        ca,
-        trust: t,
-    };
+    let (p, proxy) = TestProxy::bind(app, shared(Some(policy())), |_| {}).await;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let running = tokio::spawn(proxy.run_until(async {
         let _ = stop_rx.await;

@@ -8,21 +8,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::backend::{Http, loopback, serve};
-use common::{ORDERS, TestCa, WEB, trust};
+use common::inbound::{TestProxy, header, mesh_policy, route_prefix, shared};
+use common::{ORDERS, WEB};
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Bytes;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use palisade_agent::authn::JwtOptions;
-use palisade_agent::inbound::{InboundConfig, InboundProxy, LoadedPolicy, SharedPolicy};
-use palisade_agent::tls::MeshTrust;
+use palisade_agent::inbound::{InboundConfig, LoadedPolicy, SharedPolicy};
 use palisade_policy::wire as pb;
 use parking_lot::Mutex;
-use rustls::ClientConfig;
-use rustls_pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::TlsConnector;
 
 #[derive(Clone, Debug)]
 struct Seen {
@@ -59,16 +55,6 @@ impl Backend {
     }
 }
 
-fn route_prefix(id: &str, prefix: &str) -> pb::Route {
-    pb::Route {
-        id: id.into(),
-        path: Some(pb::PathMatch {
-            kind: Some(pb::path_match::Kind::Prefix(prefix.into())),
-        }),
-        ..Default::default()
-    }
-}
-
 /// Mesh default (all authenticated), strict mTLS, `/admin` denied to
 /// everyone, `/limited` limited to 3 per minute per principal.
 fn test_policy() -> pb::WorkloadPolicy {
@@ -88,83 +74,35 @@ fn test_policy() -> pb::WorkloadPolicy {
         failure_mode: pb::rate_limit::FailureMode::Closed as i32,
         ..Default::default()
     });
-    pb::WorkloadPolicy {
-        version: "v1".into(),
-        workload: "shop/orders".into(),
-        trust_domain: common::TD.into(),
-        default_action: pb::DefaultAction::AllAuthenticated as i32,
-        default_mtls: pb::MtlsMode::Strict as i32,
-        routes: vec![admin, limited],
-        ..Default::default()
-    }
+    mesh_policy(vec![admin, limited])
 }
 
 struct Setup {
-    ca: TestCa,
-    trust: MeshTrust,
-    proxy: SocketAddr,
+    proxy: TestProxy,
     backend: Backend,
 }
 
 async fn setup(policy: Option<pb::WorkloadPolicy>) -> Setup {
-    let ca = TestCa::new("mesh root");
-    let trust = trust(&[&ca]);
     let (backend, app) = Backend::start().await;
-    let config = InboundConfig::new(app, trust.clone(), ca.store(ORDERS), shared(policy));
-    start(ca, trust, backend, config).await
+    start(backend, app, shared(policy), |_| {}).await
 }
 
-fn shared(policy: Option<pb::WorkloadPolicy>) -> SharedPolicy {
-    SharedPolicy::new(
-        policy.map(|p| LoadedPolicy::load(p, JwtOptions::default()).expect("policy loads")),
-    )
-}
-
-/// Runs the proxy with `config` in front of `backend`.
-async fn start(ca: TestCa, trust: MeshTrust, backend: Backend, config: InboundConfig) -> Setup {
-    let proxy = InboundProxy::bind("127.0.0.1:0".parse().unwrap(), config)
-        .await
-        .expect("bind");
-    let addr = proxy.local_addr().unwrap();
-    tokio::spawn(proxy.run());
-    Setup {
-        ca,
-        trust,
-        proxy: addr,
-        backend,
-    }
+/// Runs the proxy in front of `app` (whose requests `backend` records), its
+/// config adjusted by `configure`.
+async fn start(
+    backend: Backend,
+    app: SocketAddr,
+    policy: SharedPolicy,
+    configure: impl FnOnce(&mut InboundConfig),
+) -> Setup {
+    let proxy = TestProxy::start(app, policy, configure).await;
+    Setup { proxy, backend }
 }
 
 impl Setup {
-    fn client_config(&self, alpn: &[u8]) -> ClientConfig {
-        let mut c = self
-            .trust
-            .client_config(Some(self.ca.store(WEB)), None)
-            .unwrap();
-        c.alpn_protocols = vec![alpn.to_vec()];
-        c
-    }
-
-    async fn tls(
-        &self,
-        config: ClientConfig,
-    ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
-        let tcp = TcpStream::connect(self.proxy).await?;
-        TlsConnector::from(Arc::new(config))
-            .connect(ServerName::try_from("mesh.invalid").unwrap(), tcp)
-            .await
-    }
-
     /// One HTTP/1.1 request over mTLS as WEB; returns status, headers, body.
     async fn get(&self, target: &str, headers: &[(&str, &str)]) -> (StatusCode, HeaderMap, String) {
-        let tls = self
-            .tls(self.client_config(b"http/1.1"))
-            .await
-            .expect("handshake");
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-            .await
-            .expect("h1 handshake");
-        tokio::spawn(conn);
+        let mut sender = self.proxy.h1().await;
         let mut req = Request::get(target).header("host", "orders.shop");
         for (k, v) in headers {
             req = req.header(*k, *v);
@@ -181,10 +119,6 @@ impl Setup {
             String::from_utf8_lossy(&body).into_owned(),
         )
     }
-}
-
-fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    h.get(name).and_then(|v| v.to_str().ok())
 }
 
 #[tokio::test]
@@ -229,25 +163,14 @@ async fn allowed_request_reaches_the_app_normalized_with_xfcc_and_no_spoofed_hea
 async fn http2_clients_are_proxied_to_the_http1_app() {
     // HTTP/2 clients reach an app as HTTP/2 (h2c) by default; this app only
     // speaks HTTP/1.1, so its port is configured `http1`.
-    let ca = TestCa::new("mesh root");
-    let t = trust(&[&ca]);
     let (backend, app) = Backend::start().await;
-    let mut config = InboundConfig::new(
-        app,
-        t.clone(),
-        ca.store(ORDERS),
-        shared(Some(test_policy())),
-    );
-    config
-        .app_protocols
-        .insert(app.port(), palisade_agent::inbound::AppProtocol::Http1);
-    let s = start(ca, t, backend, config).await;
-    let tls = s.tls(s.client_config(b"h2")).await.expect("handshake");
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
-            .await
-            .expect("h2 handshake");
-    tokio::spawn(conn);
+    let s = start(backend, app, shared(Some(test_policy())), |config| {
+        config
+            .app_protocols
+            .insert(app.port(), palisade_agent::inbound::AppProtocol::Http1);
+    })
+    .await;
+    let mut sender = s.proxy.h2().await;
     let req = Request::get("https://orders.shop/a/./c")
         .body(Empty::<Bytes>::new())
         .unwrap();
@@ -293,7 +216,7 @@ async fn denied_routes_and_encoded_tricks_never_reach_the_app() {
 async fn strict_mode_refuses_plaintext_and_clients_without_a_certificate() {
     let s = setup(Some(test_policy())).await;
     // Plaintext HTTP: the handshake fails and nothing is answered.
-    let mut tcp = TcpStream::connect(s.proxy).await.unwrap();
+    let mut tcp = TcpStream::connect(s.proxy.addr).await.unwrap();
     tcp.write_all(b"GET /b HTTP/1.1\r\nhost: x\r\n\r\n")
         .await
         .unwrap();
@@ -303,10 +226,10 @@ async fn strict_mode_refuses_plaintext_and_clients_without_a_certificate() {
     assert!(!buf.starts_with(b"HTTP/"), "plaintext got an HTTP answer");
 
     // TLS without a client certificate: refused (seen on the first read in TLS 1.3).
-    let mut config = s.trust.client_config(None, None).unwrap();
+    let mut config = s.proxy.trust.client_config(None, None).unwrap();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     let outcome = async {
-        let mut tls = s.tls(config).await?;
+        let mut tls = s.proxy.connect(config).await?;
         tls.write_all(b"GET /b HTTP/1.1\r\nhost: x\r\n\r\n").await?;
         let mut buf = [0u8; 64];
         let n = tls.read(&mut buf).await?;
@@ -353,21 +276,13 @@ async fn without_a_policy_everything_is_denied() {
 
 #[tokio::test]
 async fn unreachable_app_gives_502() {
-    let ca = TestCa::new("mesh root");
-    let t = trust(&[&ca]);
     // A port nobody listens on: bind, take the address, close.
     let app = TcpListener::bind("127.0.0.1:0")
         .await
         .unwrap()
         .local_addr()
         .unwrap();
-    let config = InboundConfig::new(
-        app,
-        t.clone(),
-        ca.store(ORDERS),
-        shared(Some(test_policy())),
-    );
-    let s = start(ca, t, Backend::default(), config).await;
+    let s = start(Backend::default(), app, shared(Some(test_policy())), |_| {}).await;
     let (status, _, body) = s.get("/b", &[]).await;
     assert_eq!(status, 502);
     assert!(body.starts_with(r#"{"error":"bad_gateway""#), "{body}");
@@ -444,11 +359,8 @@ async fn a_policy_swap_applies_to_new_requests_while_in_flight_ones_finish_on_th
             Response::new(Full::new(Bytes::from_static(b"app")))
         },
     );
-    let ca = TestCa::new("mesh root");
-    let trust = trust(&[&ca]);
     let policy = shared(Some(test_policy()));
-    let config = InboundConfig::new(app, trust.clone(), ca.store(ORDERS), policy.clone());
-    let s = start(ca, trust, Backend::default(), config).await;
+    let s = start(Backend::default(), app, policy.clone(), |_| {}).await;
     let s = Arc::new(s);
 
     // v1 allows /orders: the request reaches the app and waits there.

@@ -8,28 +8,19 @@
 
 mod common;
 
-use std::net::SocketAddr;
-use std::sync::{Arc, Once};
+use std::sync::Once;
 use std::time::{Duration, Instant};
 
-use common::backend::{Http, loopback, serve};
-use common::{ORDERS, TestCa, WEB, trust};
-use http::Response;
-use http_body_util::Full;
-use hyper::body::Bytes;
-use palisade_agent::authn::JwtOptions;
-use palisade_agent::inbound::{InboundConfig, InboundProxy, LoadedPolicy, SharedPolicy};
-use palisade_agent::tls::MeshTrust;
+use common::WEB;
+use common::inbound::{RequestLog, TestProxy, exchange, mesh_policy, route_prefix, shared};
 use palisade_policy::wire as pb;
 use parking_lot::Mutex;
 use proptest::prelude::*;
 use proptest::sample::select;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::TestRunner;
-use rustls_pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio_rustls::TlsConnector;
 
 /// Blobs per transport.
 const BLOBS: usize = 200;
@@ -59,125 +50,52 @@ fn count_panics() {
     });
 }
 
-/// An app (HTTP/1.1 and h2c) recording `METHOD target` of every request.
-#[derive(Clone, Default)]
-struct Backend(Arc<Mutex<Vec<String>>>);
-
-impl Backend {
-    async fn start() -> (Self, SocketAddr) {
-        let backend = Backend::default();
-        let addr = serve(
-            loopback().await,
-            Http::Auto,
-            backend.clone(),
-            |backend: Backend, req| async move {
-                backend
-                    .0
-                    .lock()
-                    .push(format!("{} {}", req.method(), req.uri()));
-                Response::new(Full::new(Bytes::from_static(b"app")))
-            },
-        );
-        (backend, addr)
-    }
-
-    fn seen(&self) -> Vec<String> {
-        self.0.lock().clone()
-    }
-}
-
 struct Setup {
-    ca: TestCa,
-    trust: MeshTrust,
-    proxy: SocketAddr,
-    backend: Backend,
+    proxy: TestProxy,
+    /// What the app (HTTP/1.1 and h2c) received.
+    backend: RequestLog,
 }
 
 /// Strict mTLS, all authenticated peers allowed, `/admin` denied to all.
 fn strict_policy() -> pb::WorkloadPolicy {
-    pb::WorkloadPolicy {
-        version: "v1".into(),
-        workload: "shop/orders".into(),
-        trust_domain: common::TD.into(),
-        default_action: pb::DefaultAction::AllAuthenticated as i32,
-        default_mtls: pb::MtlsMode::Strict as i32,
-        routes: vec![pb::Route {
-            id: "admin".into(),
-            path: Some(pb::PathMatch {
-                kind: Some(pb::path_match::Kind::Prefix("/admin".into())),
-            }),
-            deny: vec![pb::Rule {
-                id: "everyone".into(),
-                ..Default::default()
-            }],
-            ..Default::default()
-        }],
+    let mut admin = route_prefix("admin", "/admin");
+    admin.deny = vec![pb::Rule {
+        id: "everyone".into(),
         ..Default::default()
-    }
+    }];
+    mesh_policy(vec![admin])
 }
 
 /// Permissive: plaintext is served, and `/ok` is open to anyone.
 fn permissive_policy() -> pb::WorkloadPolicy {
+    let mut ok = route_prefix("ok", "/ok");
+    ok.allow = vec![pb::Rule::default()];
     pb::WorkloadPolicy {
-        version: "v1".into(),
-        workload: "shop/orders".into(),
-        trust_domain: common::TD.into(),
-        default_action: pb::DefaultAction::AllAuthenticated as i32,
         default_mtls: pb::MtlsMode::Permissive as i32,
-        routes: vec![pb::Route {
-            id: "ok".into(),
-            path: Some(pb::PathMatch {
-                kind: Some(pb::path_match::Kind::Prefix("/ok".into())),
-            }),
-            allow: vec![pb::Rule::default()],
-            ..Default::default()
-        }],
-        ..Default::default()
+        ..mesh_policy(vec![ok])
     }
 }
 
 async fn setup(policy: pb::WorkloadPolicy) -> Setup {
-    let ca = TestCa::new("mesh root");
-    let trust = trust(&[&ca]);
-    let (backend, app) = Backend::start().await;
-    let policy = SharedPolicy::new(Some(
-        LoadedPolicy::load(policy, JwtOptions::default()).unwrap(),
-    ));
-    let mut config = InboundConfig::new(app, trust.clone(), ca.store(ORDERS), policy);
-    config.limits.header_read_timeout = Duration::from_millis(500);
-    config.detect_timeout = Duration::from_millis(300);
-    config.handshake_timeout = Duration::from_secs(2);
-    let proxy = InboundProxy::bind("127.0.0.1:0".parse().unwrap(), config)
-        .await
-        .unwrap();
-    let addr = proxy.local_addr().unwrap();
-    tokio::spawn(proxy.run());
-    Setup {
-        ca,
-        trust,
-        proxy: addr,
-        backend,
-    }
+    let (backend, app) = RequestLog::start(None).await;
+    let proxy = TestProxy::start(app, shared(Some(policy)), |config| {
+        config.limits.header_read_timeout = Duration::from_millis(500);
+        config.detect_timeout = Duration::from_millis(300);
+        config.handshake_timeout = Duration::from_secs(2);
+    })
+    .await;
+    Setup { proxy, backend }
 }
 
 impl Setup {
     /// An mTLS connection as WEB offering `alpn` (none: the proxy detects
     /// the protocol from the first bytes).
     async fn mtls(&self, alpn: Option<&[u8]>) -> tokio_rustls::client::TlsStream<TcpStream> {
-        let mut config = self
-            .trust
-            .client_config(Some(self.ca.store(WEB)), None)
-            .unwrap();
-        config.alpn_protocols = alpn.into_iter().map(<[u8]>::to_vec).collect();
-        let tcp = TcpStream::connect(self.proxy).await.unwrap();
-        TlsConnector::from(Arc::new(config))
-            .connect(ServerName::try_from("mesh.invalid").unwrap(), tcp)
-            .await
-            .unwrap()
+        self.proxy.tls_as(WEB, alpn).await.unwrap()
     }
 
     async fn plain(&self) -> TcpStream {
-        TcpStream::connect(self.proxy).await.unwrap()
+        TcpStream::connect(self.proxy.addr).await.unwrap()
     }
 
     /// The normal request is answered 200 by the app, and it is the only
@@ -195,25 +113,6 @@ impl Setup {
             "after {after}, the app saw {seen:?}"
         );
     }
-}
-
-/// Writes `bytes`, closes our sending side if `eof` (a blob: nothing more
-/// is coming, so the proxy need not wait for its timeouts), reads until the
-/// proxy closes (or `wait` passes); what was read.
-async fn exchange(
-    mut io: impl AsyncRead + AsyncWrite + Unpin,
-    bytes: &[u8],
-    eof: bool,
-    wait: Duration,
-) -> Vec<u8> {
-    // The proxy may close before reading everything: write errors are fine.
-    let _ = io.write_all(bytes).await;
-    if eof {
-        let _ = io.shutdown().await;
-    }
-    let mut out = Vec::new();
-    let _ = tokio::time::timeout(wait, io.read_to_end(&mut out)).await;
-    out
 }
 
 /// Hostile requests the proxy must refuse without the app seeing them.
