@@ -34,6 +34,25 @@ fn client_config(addr: SocketAddr, token: &str, operator_id: Option<&str>) -> Id
     c
 }
 
+/// An identity client of the web workload's token.
+fn web_client(addr: SocketAddr, operator_id: Option<&str>, ca: &TestCa) -> IdentityClient {
+    IdentityClient::new(client_config(addr, "tok-web", operator_id), trust(&[ca])).unwrap()
+}
+
+/// A fake operator with a new mesh CA, issuing `ttl` certificates for the web token.
+fn web_operator(ttl: Duration) -> Arc<FakeOperator> {
+    FakeOperator::new(TestCa::new("mesh root"), ttl, &[("tok-web", WEB)])
+}
+
+/// What a web client gets from an operator that misbehaves as told.
+async fn certify_from_misbehaving_operator(misbehaviour: Misbehaviour) -> CertifyError {
+    let op = web_operator(Duration::from_secs(60));
+    *op.misbehave.lock() = misbehaviour;
+    let addr = op.serve_default().await;
+    let client = web_client(addr, Some(OPERATOR), &op.ca);
+    client.certify().await.unwrap_err()
+}
+
 fn fast_renewal() -> RenewalConfig {
     RenewalConfig {
         renew_at: 0.7,
@@ -245,11 +264,7 @@ async fn renewals_swap_certificates_under_a_live_http2_connection() {
 
 #[tokio::test]
 async fn renewal_failure_keeps_the_old_certificate_and_backs_off() {
-    let op = FakeOperator::new(
-        TestCa::new("mesh root"),
-        Duration::from_secs(4),
-        &[("tok-web", WEB)],
-    );
+    let op = web_operator(Duration::from_secs(4));
     let op_addr = op.serve_default().await;
     let mut web = start_agent(&op.ca, op_addr, "tok-web");
     let first = next_issued(&mut web.events).await;
@@ -310,11 +325,7 @@ async fn renewal_failure_keeps_the_old_certificate_and_backs_off() {
 
 #[tokio::test]
 async fn not_ready_until_the_first_certificate_arrives() {
-    let op = FakeOperator::new(
-        TestCa::new("mesh root"),
-        Duration::from_secs(60),
-        &[("tok-web", WEB)],
-    );
+    let op = web_operator(Duration::from_secs(60));
     op.set_failing(true);
     let op_addr = op.serve_default().await;
     let mut web = start_agent(&op.ca, op_addr, "tok-web");
@@ -348,18 +359,10 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 
 #[tokio::test]
 async fn refuses_an_operator_with_the_wrong_identity() {
-    let op = FakeOperator::new(
-        TestCa::new("mesh root"),
-        Duration::from_secs(60),
-        &[("tok-web", WEB)],
-    );
+    let op = web_operator(Duration::from_secs(60));
     // Signed by the trusted CA, but it is a workload, not the operator.
     let addr = op.serve(&op.ca, ORDERS).await;
-    let client = IdentityClient::new(
-        client_config(addr, "tok-web", Some(OPERATOR)),
-        trust(&[&op.ca]),
-    )
-    .unwrap();
+    let client = web_client(addr, Some(OPERATOR), &op.ca);
     let err = client.certify().await.unwrap_err();
     assert!(matches!(err, CertifyError::Connect(_)), "{err:?}");
     let chain = error_chain(&err);
@@ -370,22 +373,16 @@ async fn refuses_an_operator_with_the_wrong_identity() {
     assert!(op.call_times().is_empty(), "the token went to an impostor");
 
     // Without an expected ID, a trust-domain identity is enough.
-    let client =
-        IdentityClient::new(client_config(addr, "tok-web", None), trust(&[&op.ca])).unwrap();
+    let client = web_client(addr, None, &op.ca);
     assert!(client.certify().await.is_ok());
 }
 
 #[tokio::test]
 async fn refuses_an_operator_from_a_foreign_ca() {
-    let op = FakeOperator::new(
-        TestCa::new("mesh root"),
-        Duration::from_secs(60),
-        &[("tok-web", WEB)],
-    );
+    let op = web_operator(Duration::from_secs(60));
     let foreign = TestCa::new("foreign root");
     let addr = op.serve(&foreign, OPERATOR).await;
-    let client =
-        IdentityClient::new(client_config(addr, "tok-web", None), trust(&[&op.ca])).unwrap();
+    let client = web_client(addr, None, &op.ca);
     let err = client.certify().await.unwrap_err();
     let chain = error_chain(&err);
     assert!(
@@ -397,37 +394,13 @@ async fn refuses_an_operator_from_a_foreign_ca() {
 
 #[tokio::test]
 async fn refuses_a_certificate_for_another_key() {
-    let op = FakeOperator::new(
-        TestCa::new("mesh root"),
-        Duration::from_secs(60),
-        &[("tok-web", WEB)],
-    );
-    *op.misbehave.lock() = Misbehaviour::SignOtherKey;
-    let addr = op.serve_default().await;
-    let client = IdentityClient::new(
-        client_config(addr, "tok-web", Some(OPERATOR)),
-        trust(&[&op.ca]),
-    )
-    .unwrap();
-    let err = client.certify().await.unwrap_err();
+    let err = certify_from_misbehaving_operator(Misbehaviour::SignOtherKey).await;
     assert!(matches!(err, CertifyError::KeyMismatch), "{err:?}");
 }
 
 #[tokio::test]
 async fn refuses_a_certificate_of_a_foreign_trust_domain() {
-    let op = FakeOperator::new(
-        TestCa::new("mesh root"),
-        Duration::from_secs(60),
-        &[("tok-web", WEB)],
-    );
-    *op.misbehave.lock() = Misbehaviour::ForeignTrustDomain;
-    let addr = op.serve_default().await;
-    let client = IdentityClient::new(
-        client_config(addr, "tok-web", Some(OPERATOR)),
-        trust(&[&op.ca]),
-    )
-    .unwrap();
-    let err = client.certify().await.unwrap_err();
+    let err = certify_from_misbehaving_operator(Misbehaviour::ForeignTrustDomain).await;
     assert!(
         matches!(
             err,
@@ -441,11 +414,7 @@ async fn refuses_a_certificate_of_a_foreign_trust_domain() {
 
 #[tokio::test]
 async fn token_file_is_read_for_every_request() {
-    let op = FakeOperator::new(
-        TestCa::new("mesh root"),
-        Duration::from_secs(60),
-        &[("tok-web", WEB)],
-    );
+    let op = web_operator(Duration::from_secs(60));
     let addr = op.serve_default().await;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("token");

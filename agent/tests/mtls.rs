@@ -4,31 +4,49 @@
 
 mod common;
 
+use std::io;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use common::tls::{echo_server, orders_mesh};
 use common::{EchoClient, EchoServer, Leaf, ORDERS, TestCa, WEB, tls_error, trust};
 use palisade_agent::tls::{MeshTrust, MtlsMode};
 use palisade_policy::identity::SpiffeId;
 use rustls::{CertificateError, ClientConfig};
 
-/// A strict server (valid ORDERS leaf) and a client presenting `client_leaf`
-/// from `client_ca`; returns the server's handshake error.
-async fn server_refuses(client_ca: &TestCa, client_leaf: Leaf) -> rustls::Error {
-    let ca = TestCa::new("mesh root");
-    let t = trust(&[&ca]);
-    let mut server = EchoServer::start(
-        t.server_config(ca.store(ORDERS), MtlsMode::Strict).unwrap(),
-        t.clone(),
-    )
-    .await;
+/// A strict server (valid ORDERS leaf from `server_ca`, trusting only it) and a
+/// client presenting `client_leaf` from `client_ca`; returns the server's
+/// handshake error.
+async fn refused_by_server(
+    server_ca: &TestCa,
+    client_ca: &TestCa,
+    client_leaf: Leaf,
+) -> rustls::Error {
+    let t = trust(&[server_ca]);
+    let mut server = echo_server(&t, server_ca.store(ORDERS), MtlsMode::Strict).await;
     let client = t
         .client_config(Some(client_ca.resolver(&client_leaf)), None)
         .unwrap();
+    let err = dial_refused(&mut server, client, "server accepted a bad peer").await;
+    rustls_error(&err)
+}
+
+/// [`refused_by_server`] with a server of its own new mesh CA.
+async fn server_refuses(client_ca: &TestCa, client_leaf: Leaf) -> rustls::Error {
+    refused_by_server(&TestCa::new("mesh root"), client_ca, client_leaf).await
+}
+
+/// Dials `server` with `client`, which must fail on the client side too;
+/// returns the server's handshake error (`why` if the server accepted).
+async fn dial_refused(server: &mut EchoServer, client: ClientConfig, why: &str) -> io::Error {
     let dial = EchoClient::dial(server.addr, client).await;
     assert!(dial.is_err(), "the client must see the refusal too");
-    let err = server.next().await.expect_err("server accepted a bad peer");
-    tls_error(&err)
+    server.next().await.expect_err(why)
+}
+
+/// The rustls error inside a handshake error; panics if there is none.
+fn rustls_error(err: &io::Error) -> rustls::Error {
+    tls_error(err)
         .cloned()
         .unwrap_or_else(|| panic!("not a TLS error: {err}"))
 }
@@ -44,15 +62,17 @@ fn hours(h: u64) -> Duration {
     Duration::from_secs(h * 3600)
 }
 
+/// A leaf for `id` valid only from `not_before` to `not_after`.
+fn leaf_valid_between(id: &str, not_before: SystemTime, not_after: SystemTime) -> Leaf {
+    let mut leaf = Leaf::spiffe(id);
+    leaf.not_before = not_before;
+    leaf.not_after = not_after;
+    leaf
+}
+
 #[tokio::test]
 async fn valid_peer_is_accepted_and_its_identity_reaches_the_pipeline() {
-    let ca = TestCa::new("mesh root");
-    let t = trust(&[&ca]);
-    let mut server = EchoServer::start(
-        t.server_config(ca.store(ORDERS), MtlsMode::Strict).unwrap(),
-        t.clone(),
-    )
-    .await;
+    let (ca, t, mut server) = orders_mesh(MtlsMode::Strict).await;
     let expected = SpiffeId::parse(ORDERS).unwrap();
     let client = t
         .client_config(Some(ca.store(WEB)), Some(expected))
@@ -76,9 +96,7 @@ async fn valid_peer_is_accepted_and_its_identity_reaches_the_pipeline() {
 async fn expired_leaf_is_refused() {
     let ca = TestCa::new("mesh root");
     let now = SystemTime::now();
-    let mut leaf = Leaf::spiffe(WEB);
-    leaf.not_before = now - hours(2);
-    leaf.not_after = now - hours(1);
+    let leaf = leaf_valid_between(WEB, now - hours(2), now - hours(1));
     // Same CA as the server trusts: only the dates are wrong.
     let err = server_refuses_same_ca(&ca, leaf).await;
     assert!(
@@ -94,9 +112,7 @@ async fn expired_leaf_is_refused() {
 async fn not_yet_valid_leaf_is_refused() {
     let ca = TestCa::new("mesh root");
     let now = SystemTime::now();
-    let mut leaf = Leaf::spiffe(WEB);
-    leaf.not_before = now + hours(1);
-    leaf.not_after = now + hours(2);
+    let leaf = leaf_valid_between(WEB, now + hours(1), now + hours(2));
     let err = server_refuses_same_ca(&ca, leaf).await;
     assert!(
         matches!(
@@ -149,19 +165,9 @@ async fn dns_only_san_is_refused() {
 
 #[tokio::test]
 async fn strict_mode_refuses_a_client_without_certificate() {
-    let ca = TestCa::new("mesh root");
-    let t = trust(&[&ca]);
-    let mut server = EchoServer::start(
-        t.server_config(ca.store(ORDERS), MtlsMode::Strict).unwrap(),
-        t.clone(),
-    )
-    .await;
+    let (_ca, t, mut server) = orders_mesh(MtlsMode::Strict).await;
     let client = t.client_config(None, None).unwrap();
-    assert!(EchoClient::dial(server.addr, client).await.is_err());
-    let err = server
-        .next()
-        .await
-        .expect_err("accepted without a certificate");
+    let err = dial_refused(&mut server, client, "accepted without a certificate").await;
     assert_eq!(
         tls_error(&err),
         Some(&rustls::Error::NoCertificatesPresented)
@@ -170,14 +176,7 @@ async fn strict_mode_refuses_a_client_without_certificate() {
 
 #[tokio::test]
 async fn permissive_mode_accepts_a_client_without_certificate_and_no_identity() {
-    let ca = TestCa::new("mesh root");
-    let t = trust(&[&ca]);
-    let mut server = EchoServer::start(
-        t.server_config(ca.store(ORDERS), MtlsMode::Permissive)
-            .unwrap(),
-        t.clone(),
-    )
-    .await;
+    let (_ca, t, mut server) = orders_mesh(MtlsMode::Permissive).await;
     let client = t.client_config(None, None).unwrap();
     let mut conn = EchoClient::dial(server.addr, client).await.unwrap();
     assert_eq!(server.next().await.unwrap(), None);
@@ -187,23 +186,12 @@ async fn permissive_mode_accepts_a_client_without_certificate_and_no_identity() 
 
 #[tokio::test]
 async fn permissive_mode_still_refuses_a_bad_certificate() {
-    let ca = TestCa::new("mesh root");
+    let (_ca, t, mut server) = orders_mesh(MtlsMode::Permissive).await;
     let foreign = TestCa::new("foreign");
-    let t = trust(&[&ca]);
-    let mut server = EchoServer::start(
-        t.server_config(ca.store(ORDERS), MtlsMode::Permissive)
-            .unwrap(),
-        t.clone(),
-    )
-    .await;
     let client = t
         .client_config(Some(foreign.resolver(&Leaf::spiffe(WEB))), None)
         .unwrap();
-    assert!(EchoClient::dial(server.addr, client).await.is_err());
-    let err = server
-        .next()
-        .await
-        .expect_err("a presented bad cert passed");
+    let err = dial_refused(&mut server, client, "a presented bad cert passed").await;
     assert_eq!(
         tls_error(&err),
         Some(&rustls::Error::InvalidCertificate(
@@ -216,21 +204,14 @@ async fn permissive_mode_still_refuses_a_bad_certificate() {
 async fn client_refuses(server_leaf: Leaf, expected: Option<&str>) -> rustls::Error {
     let ca = TestCa::new("mesh root");
     let t = trust(&[&ca]);
-    let _server = EchoServer::start(
-        t.server_config(ca.resolver(&server_leaf), MtlsMode::Permissive)
-            .unwrap(),
-        t.clone(),
-    )
-    .await;
+    let _server = echo_server(&t, ca.resolver(&server_leaf), MtlsMode::Permissive).await;
     let expected = expected.map(|e| SpiffeId::parse(e).unwrap());
     let client = t.client_config(Some(ca.store(WEB)), expected).unwrap();
     let err = EchoClient::dial(_server.addr, client)
         .await
         .err()
         .expect("client accepted a bad server");
-    tls_error(&err)
-        .cloned()
-        .unwrap_or_else(|| panic!("not a TLS error: {err}"))
+    rustls_error(&err)
 }
 
 #[tokio::test]
@@ -256,9 +237,7 @@ async fn client_refuses_a_server_that_is_not_the_expected_identity() {
 #[tokio::test]
 async fn client_refuses_an_expired_server() {
     let now = SystemTime::now();
-    let mut leaf = Leaf::spiffe(ORDERS);
-    leaf.not_before = now - hours(2);
-    leaf.not_after = now - hours(1);
+    let leaf = leaf_valid_between(ORDERS, now - hours(2), now - hours(1));
     let err = client_refuses(leaf, Some(ORDERS)).await;
     assert!(
         matches!(
@@ -287,21 +266,11 @@ async fn verification_time_is_injectable() {
     let ca = TestCa::new("mesh root");
     let later: MeshTrust =
         trust(&[&ca]).with_time_provider(Arc::new(FixedTime(SystemTime::now() + hours(2))));
-    let mut server = EchoServer::start(
-        later
-            .server_config(ca.store(ORDERS), MtlsMode::Strict)
-            .unwrap(),
-        later.clone(),
-    )
-    .await;
+    let mut server = echo_server(&later, ca.store(ORDERS), MtlsMode::Strict).await;
     let client: ClientConfig = trust(&[&ca])
         .client_config(Some(ca.store(WEB)), None)
         .unwrap();
-    assert!(EchoClient::dial(server.addr, client).await.is_err());
-    let err = server
-        .next()
-        .await
-        .expect_err("accepted by the future clock");
+    let err = dial_refused(&mut server, client, "accepted by the future clock").await;
     assert!(
         matches!(
             tls_error(&err),
@@ -315,19 +284,5 @@ async fn verification_time_is_injectable() {
 
 /// Like [`server_refuses`] but the bad leaf is signed by the CA the server trusts.
 async fn server_refuses_same_ca(ca: &TestCa, client_leaf: Leaf) -> rustls::Error {
-    let t = trust(&[ca]);
-    let mut server = EchoServer::start(
-        t.server_config(ca.store(ORDERS), MtlsMode::Strict).unwrap(),
-        t.clone(),
-    )
-    .await;
-    let client = t
-        .client_config(Some(ca.resolver(&client_leaf)), None)
-        .unwrap();
-    let dial = EchoClient::dial(server.addr, client).await;
-    assert!(dial.is_err(), "the client must see the refusal too");
-    let err = server.next().await.expect_err("server accepted a bad peer");
-    tls_error(&err)
-        .cloned()
-        .unwrap_or_else(|| panic!("not a TLS error: {err}"))
+    refused_by_server(ca, ca, client_leaf).await
 }

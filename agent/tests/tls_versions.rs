@@ -11,7 +11,8 @@ use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::{EchoServer, ORDERS, TestCa, trust};
+use common::tls::orders_mesh;
+use common::{EchoServer, ORDERS, TestCa};
 use palisade_agent::tls::MtlsMode;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
@@ -66,14 +67,18 @@ async fn s_client(addr: SocketAddr, args: &[&str]) -> Outcome {
 /// Our inbound server, permissive so that a certificate-less openssl client
 /// is refused for nothing but the protocol version or suite.
 async fn agent_server() -> EchoServer {
-    let ca = TestCa::new("mesh root");
-    let t = trust(&[&ca]);
-    EchoServer::start(
-        t.server_config(ca.store(ORDERS), MtlsMode::Permissive)
-            .unwrap(),
-        t,
-    )
-    .await
+    orders_mesh(MtlsMode::Permissive).await.2
+}
+
+/// The server refused a client it shares no protocol or suite with.
+fn assert_peer_incompatible(err: &std::io::Error) {
+    assert!(
+        matches!(
+            common::tls_error(err),
+            Some(rustls::Error::PeerIncompatible(_))
+        ),
+        "{err:?}"
+    );
 }
 
 async fn assert_agent_refuses(version_flag: &str, protocol: &str) {
@@ -157,22 +162,23 @@ async fn assert_openssl_server_accepts(version_flag: &str, protocol: &str) {
     );
 }
 
-#[tokio::test]
-async fn tls_1_1_client_is_refused() {
+/// The control, then the refusal, for one old protocol version.
+async fn old_version_is_refused(version_flag: &str, protocol: &str) {
     if !have_openssl() {
         return;
     }
-    assert_openssl_server_accepts("-tls1_1", "TLSv1.1").await;
-    assert_agent_refuses("-tls1_1", "TLSv1.1").await;
+    assert_openssl_server_accepts(version_flag, protocol).await;
+    assert_agent_refuses(version_flag, protocol).await;
+}
+
+#[tokio::test]
+async fn tls_1_1_client_is_refused() {
+    old_version_is_refused("-tls1_1", "TLSv1.1").await;
 }
 
 #[tokio::test]
 async fn tls_1_0_client_is_refused() {
-    if !have_openssl() {
-        return;
-    }
-    assert_openssl_server_accepts("-tls1", "TLSv1").await;
-    assert_agent_refuses("-tls1", "TLSv1").await;
+    old_version_is_refused("-tls1", "TLSv1").await;
 }
 
 #[tokio::test]
@@ -212,13 +218,7 @@ async fn tls_1_2_without_ecdhe_aead_is_refused() {
             out.output
         );
         let err = server.next().await.expect_err("server accepted");
-        assert!(
-            matches!(
-                common::tls_error(&err),
-                Some(rustls::Error::PeerIncompatible(_))
-            ),
-            "{err:?}"
-        );
+        assert_peer_incompatible(&err);
     }
     // Control: an ECDHE+AEAD suite from the same client is accepted.
     let mut server = agent_server().await;
@@ -235,13 +235,7 @@ async fn tls_1_2_without_ecdhe_aead_is_refused() {
 #[tokio::test]
 async fn rustls_client_limited_to_tls_1_2_is_accepted() {
     // Our own client config, pinned to 1.2, against our server.
-    let ca = TestCa::new("mesh root");
-    let t = trust(&[&ca]);
-    let mut server = EchoServer::start(
-        t.server_config(ca.store(ORDERS), MtlsMode::Strict).unwrap(),
-        t.clone(),
-    )
-    .await;
+    let (ca, t, mut server) = orders_mesh(MtlsMode::Strict).await;
     let config =
         rustls::ClientConfig::builder_with_provider(palisade_agent::tls::crypto_provider())
             .with_protocol_versions(&[&rustls::version::TLS12])
@@ -300,11 +294,5 @@ async fn hello_offering_only_tls_1_1_gets_a_protocol_version_alert() {
         "not a fatal protocol_version alert: {reply:02x?}"
     );
     let err = server.next().await.expect_err("server accepted");
-    assert!(
-        matches!(
-            common::tls_error(&err),
-            Some(rustls::Error::PeerIncompatible(_))
-        ),
-        "{err:?}"
-    );
+    assert_peer_incompatible(&err);
 }

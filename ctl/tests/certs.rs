@@ -1,15 +1,49 @@
 //! `palisadectl certs inspect` on files and on a live TLS endpoint.
 
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::Arc;
 
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
 
-fn ctl(args: &[&str]) -> Output {
+/// `palisadectl certs inspect <args…>`.
+fn inspect(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_palisadectl"))
+        .args(["certs", "inspect"])
         .args(args)
         .output()
         .expect("run palisadectl")
+}
+
+/// The report of an `--output json` run.
+fn json(out: &Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).expect("json")
+}
+
+/// The JSON report of a successful `certs inspect <source…> --bundle <bundle>`.
+fn inspect_against_bundle(source: &[&str], bundle: &Path) -> serde_json::Value {
+    let mut args = source.to_vec();
+    args.extend([
+        "--bundle",
+        bundle.to_str().expect("path"),
+        "--output",
+        "json",
+    ]);
+    let out = inspect(&args);
+    assert!(
+        out.status.success(),
+        "{} {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    json(&out)
+}
+
+/// Writes `pem` to `dir/name`.
+fn write_pem(dir: &Path, name: &str, pem: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, pem).expect("write");
+    path
 }
 
 struct Ca {
@@ -49,30 +83,12 @@ fn inspect_file_reports_identity_and_verification() {
     let dir = tempfile::tempdir().expect("tempdir");
     let root = ca("palisade root");
     let (leaf_pem, _) = leaf(&root, &[ORDERS]);
-    let leaf_file = dir.path().join("leaf.pem");
-    let bundle = dir.path().join("bundle.pem");
-    let foreign = dir.path().join("foreign.pem");
-    std::fs::write(&leaf_file, &leaf_pem).expect("write");
-    std::fs::write(&bundle, &root.cert_pem).expect("write");
-    std::fs::write(&foreign, ca("someone else").cert_pem).expect("write");
+    let leaf_file = write_pem(dir.path(), "leaf.pem", &leaf_pem);
+    let bundle = write_pem(dir.path(), "bundle.pem", &root.cert_pem);
+    let foreign = write_pem(dir.path(), "foreign.pem", &ca("someone else").cert_pem);
     let leaf_arg = leaf_file.to_str().expect("path");
 
-    let out = ctl(&[
-        "certs",
-        "inspect",
-        "--file",
-        leaf_arg,
-        "--bundle",
-        bundle.to_str().expect("path"),
-        "--output",
-        "json",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let v = inspect_against_bundle(&["--file", leaf_arg], &bundle);
     assert_eq!(v["spiffeId"], ORDERS);
     assert_eq!(v["verifiesAgainstBundle"], true);
     assert_eq!(
@@ -82,9 +98,7 @@ fn inspect_file_reports_identity_and_verification() {
         Some(true)
     );
 
-    let out = ctl(&[
-        "certs",
-        "inspect",
+    let out = inspect(&[
         "--file",
         leaf_arg,
         "--bundle",
@@ -93,14 +107,7 @@ fn inspect_file_reports_identity_and_verification() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stdout).contains("verifies against bundle: false"));
 
-    let out = ctl(&[
-        "certs",
-        "inspect",
-        "--file",
-        leaf_arg,
-        "--trust-domain",
-        "other.domain",
-    ]);
+    let out = inspect(&["--file", leaf_arg, "--trust-domain", "other.domain"]);
     assert_eq!(out.status.code(), Some(1));
 }
 
@@ -109,18 +116,10 @@ fn inspect_refuses_a_leaf_with_two_spiffe_ids() {
     let dir = tempfile::tempdir().expect("tempdir");
     let root = ca("root");
     let (leaf_pem, _) = leaf(&root, &[ORDERS, "spiffe://cluster.local/ns/shop/sa/admin"]);
-    let file = dir.path().join("two.pem");
-    std::fs::write(&file, leaf_pem).expect("write");
-    let out = ctl(&[
-        "certs",
-        "inspect",
-        "--file",
-        file.to_str().expect("path"),
-        "--output",
-        "json",
-    ]);
+    let file = write_pem(dir.path(), "two.pem", &leaf_pem);
+    let out = inspect(&["--file", file.to_str().expect("path"), "--output", "json"]);
     assert_eq!(out.status.code(), Some(1));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let v = json(&out);
     assert!(v["spiffeId"].is_null());
     assert!(v["spiffeIdError"].is_string());
 }
@@ -153,25 +152,8 @@ fn inspect_live_endpoint_shows_the_presented_chain() {
         }
     });
     let dir = tempfile::tempdir().expect("tempdir");
-    let bundle = dir.path().join("bundle.pem");
-    std::fs::write(&bundle, &root.cert_pem).expect("write");
-    let out = ctl(&[
-        "certs",
-        "inspect",
-        "--endpoint",
-        &addr.to_string(),
-        "--bundle",
-        bundle.to_str().expect("path"),
-        "--output",
-        "json",
-    ]);
-    assert!(
-        out.status.success(),
-        "{} {}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let bundle = write_pem(dir.path(), "bundle.pem", &root.cert_pem);
+    let v = inspect_against_bundle(&["--endpoint", &addr.to_string()], &bundle);
     assert_eq!(v["spiffeId"], ORDERS);
     assert_eq!(v["verifiesAgainstBundle"], true);
 }

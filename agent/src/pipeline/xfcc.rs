@@ -97,17 +97,16 @@ mod tests {
         SpiffeId::parse(s).unwrap()
     }
 
+    /// The header value for a verified `peer` with `der` (if any) at `local`.
+    fn value_for(local: &SpiffeId, peer: &SpiffeId, der: Option<&[u8]>) -> HeaderValue {
+        xfcc_value(local, PeerCert { id: peer, der })
+    }
+
     #[test]
     fn format_without_hash() {
         let local = id("spiffe://cluster.local/ns/prod/sa/api");
         let peer = id("spiffe://cluster.local/ns/web/sa/frontend");
-        let v = xfcc_value(
-            &local,
-            PeerCert {
-                id: &peer,
-                der: None,
-            },
-        );
+        let v = value_for(&local, &peer, None);
         assert_eq!(
             v,
             "By=spiffe://cluster.local/ns/prod/sa/api;URI=spiffe://cluster.local/ns/web/sa/frontend"
@@ -119,13 +118,7 @@ mod tests {
         let local = id("spiffe://td/ns/a/sa/b");
         let peer = id("spiffe://td/ns/c/sa/d");
         // SHA-256("abc"), the FIPS 180-2 test vector.
-        let v = xfcc_value(
-            &local,
-            PeerCert {
-                id: &peer,
-                der: Some(b"abc"),
-            },
-        );
+        let v = value_for(&local, &peer, Some(b"abc"));
         assert_eq!(
             v,
             "By=spiffe://td/ns/a/sa/b;\
@@ -157,14 +150,9 @@ mod tests {
         let local = id("spiffe://td/ns/a/sa/b");
         let peer = id("spiffe://td/ns/c/sa/d");
         let mut h = HeaderMap::new();
-        h.append(
-            X_FORWARDED_CLIENT_CERT,
-            HeaderValue::from_static("URI=spoof"),
-        );
-        h.append(
-            X_FORWARDED_CLIENT_CERT,
-            HeaderValue::from_static("URI=spoof2"),
-        );
+        for spoof in ["URI=spoof", "URI=spoof2"] {
+            h.append(X_FORWARDED_CLIENT_CERT, HeaderValue::from_static(spoof));
+        }
         set_xfcc(
             &mut h,
             &local,
@@ -184,13 +172,7 @@ mod tests {
     fn hash_is_64_hex_digits_whatever_the_der_length() {
         let local = id("spiffe://cluster.local/ns/prod/sa/api");
         let peer = id("spiffe://cluster.local/ns/web/sa/frontend");
-        let v = xfcc_value(
-            &local,
-            PeerCert {
-                id: &peer,
-                der: Some(&[0u8; 900]),
-            },
-        );
+        let v = value_for(&local, &peer, Some(&[0u8; 900]));
         let expected = 3 + local.as_str().len() + 6 + 64 + 5 + peer.as_str().len();
         assert_eq!(v.len(), expected);
     }

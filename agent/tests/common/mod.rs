@@ -7,6 +7,7 @@ pub mod inbound;
 pub mod netns;
 pub mod operator;
 pub mod proc;
+pub mod tls;
 
 use std::io;
 use std::net::SocketAddr;
