@@ -2,6 +2,7 @@
 //! together. Kept as a library so integration tests can drive the CA store
 //! and token review against a mock Kubernetes API server.
 
+pub mod admin;
 pub mod ca;
 pub mod discovery;
 pub mod identity;

@@ -12,8 +12,11 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 
+use palisade_operator::admin::{AdminServer, AdminState};
 use palisade_operator::ca::{self, Ca, CaMaterial, Origin};
-use palisade_operator::discovery::{DirSource, DiscoveryService, DiscoveryStatus, SourceSpec};
+use palisade_operator::discovery::{
+    DirSource, DiscoveryService, DiscoveryStatus, MeshRegistry, SourceSpec,
+};
 use palisade_operator::identity::IssuanceCounters;
 use palisade_operator::server::{ServeConfig, Server};
 use palisade_operator::tokens::TokenValidator;
@@ -40,7 +43,8 @@ enum Command {
     /// and tokens come from --tokens. Kubernetes mode (--kubernetes): the CA
     /// lives in a Secret in --namespace and tokens are checked with
     /// TokenReview.
-    Serve(ServeArgs),
+    // Boxed: its flags dwarf the other variants (clippy::large_enum_variant).
+    Serve(Box<ServeArgs>),
     /// Manage the certificate authority.
     #[command(subcommand)]
     Ca(CaCommand),
@@ -87,6 +91,9 @@ struct ServeArgs {
     /// Address of the TLS gRPC endpoint.
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:15012")]
     listen: SocketAddr,
+    /// Admin endpoint (plain HTTP: /healthz, /readyz, /metrics), ADDR:PORT; '' disables it.
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:15014")]
+    admin: String,
     /// Lifetime of issued certificates (and the most an agent may ask for),
     /// e.g. 30s, 15m, 24h.
     #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_ttl)]
@@ -128,6 +135,17 @@ fn parse_poll_interval(text: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// `--admin`: ADDR:PORT, or '' for no admin endpoint.
+fn parse_admin(text: &str) -> anyhow::Result<Option<SocketAddr>> {
+    match text.trim() {
+        "" => Ok(None),
+        a => a
+            .parse()
+            .map(Some)
+            .with_context(|| format!("--admin {a:?} is not ADDR:PORT")),
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     // ring is the only provider linked; make it the process default anyway
     // so nothing can pick a different one.
@@ -143,7 +161,7 @@ fn main() -> anyhow::Result<()> {
             init_tracing();
             tokio::runtime::Runtime::new()
                 .context("starting the async runtime")?
-                .block_on(serve(args))?;
+                .block_on(serve(*args))?;
         }
     }
     Ok(())
@@ -181,6 +199,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Err(e) = SpiffeId::for_service_account(&args.trust_domain, "ns", "sa") {
         bail!("--trust-domain {:?}: {e}", args.trust_domain);
     }
+    // Before anything is created, so a typo leaves nothing behind.
+    let admin_addr = parse_admin(&args.admin)?;
     let (material, origin, tokens, bundle_location): (_, _, Arc<dyn TokenValidator>, String) =
         match (&args.state_dir, &args.tokens, args.kubernetes) {
             (Some(state_dir), Some(tokens), false) => {
@@ -230,6 +250,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let counters = Arc::new(IssuanceCounters::default());
     let mut server = Server::bind(&config, ca, tokens, counters.clone()).await?;
+    let mut admin_state = AdminState::new(counters.clone());
     if let Some(SourceSpec::Dir(dir)) = &args.source {
         let (source, policies) = DirSource::open(dir)?;
         tracing::info!(
@@ -243,18 +264,41 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             trust_domain: config.trust_domain.clone(),
             ..Default::default()
         };
-        // Kept for the admin port's /metrics (render_prometheus).
+        // Created here so the admin port reports on the very instances
+        // the Watch sessions update.
         let status = Arc::new(DiscoveryStatus::new());
-        server = server.with_discovery(DiscoveryService::new(mesh, Some(policies), status));
+        let registry = Arc::new(MeshRegistry::new());
+        admin_state = admin_state.with_discovery(status.clone(), registry.clone());
+        server = server.with_discovery(
+            DiscoveryService::new(mesh, Some(policies), status).with_registry(registry),
+        );
     } else {
         tracing::info!(
             "no --source: Discovery.Watch is refused until a policy source is configured"
         );
     }
+    let admin_state = Arc::new(admin_state);
+    // Bound after the gRPC listener, so /readyz can be 200 from the start.
+    let admin = match admin_addr {
+        Some(addr) => {
+            let admin = AdminServer::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (--admin)"))?;
+            let bound = admin.local_addr();
+            tracing::info!(addr = %bound, "admin endpoint listening (/healthz, /readyz, /metrics)");
+            tokio::spawn(admin.serve(admin_state.clone()));
+            Some(bound)
+        }
+        None => None,
+    };
     {
-        // Scripts and tests wait for these lines.
+        // Scripts and tests wait for these lines; "listening on" comes
+        // last, when everything else is announced.
         let mut out = std::io::stdout().lock();
         writeln!(out, "palisade-operator trust bundle {bundle_location}")?;
+        if let Some(addr) = admin {
+            writeln!(out, "palisade-operator admin listening on {addr}")?;
+        }
         writeln!(
             out,
             "palisade-operator listening on {}",
@@ -262,7 +306,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         )?;
         out.flush()?;
     }
-    server.run(shutdown_signal()).await?;
+    let draining = admin_state.clone();
+    server
+        .run(async move {
+            shutdown_signal().await;
+            // Streams may take a while to close; stop advertising readiness now.
+            draining.start_draining();
+        })
+        .await?;
     let totals = counters.snapshot();
     tracing::info!(
         issued = totals.issued,

@@ -7,25 +7,18 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use common::watch::*;
 use common::*;
-use palisade_proto::discovery::v1::discovery_client::DiscoveryClient;
 use palisade_proto::discovery::v1::watch_request::Kind;
-use palisade_proto::discovery::v1::{
-    Ack, MeshDestinations, MeshEndpoint, Nack, WatchRequest, WatchResponse, WorkloadRef,
-};
+use palisade_proto::discovery::v1::{Ack, MeshDestinations, Nack};
 use palisade_proto::policy::v1::{DefaultAction, WorkloadPolicy, path_match};
-use tokio::sync::mpsc;
 use tonic::Code;
-use tonic::codegen::tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use tonic::transport::Identity;
 
 const TOKEN_ORDERS: &str = "tok-orders-5e1f0c9a7b3d2e48";
 const TOKEN_PAYMENTS: &str = "tok-payments-0b7c4d1e9f2a3c65";
 const ID_ORDERS: &str = "spiffe://cluster.local/ns/shop/sa/orders";
 const ID_PAYMENTS: &str = "spiffe://cluster.local/ns/shop/sa/payments";
-
-/// Each step waits at most this long for something to happen.
-const STEP: Duration = Duration::from_secs(10);
 
 fn policy_yaml(name: &str, path_prefix: &str) -> String {
     format!(
@@ -82,99 +75,6 @@ fn start(with_source: bool, files: &[(&str, &str)]) -> Setup {
 /// A certificate for the orders workload via Certify, as PEM chain and key.
 async fn orders_identity(op: &Operator) -> Identity {
     identity_for(op, TOKEN_ORDERS, ID_ORDERS).await
-}
-
-/// A certificate for the workload `token` stands for (its SPIFFE ID is `id`).
-async fn identity_for(op: &Operator, token: &str, id: &str) -> Identity {
-    let mut client = op.client().await;
-    let (key, csr_pem) = csr(vec![]);
-    let resp = certify(&mut client, token, &csr_pem, 0).await.unwrap();
-    assert_eq!(resp.spiffe_id, id);
-    Identity::from_pem(resp.cert_chain_pem.concat(), key.serialize_pem())
-}
-
-async fn channel(op: &Operator, identity: Option<Identity>) -> Channel {
-    install_ring();
-    let mut tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(op.bundle_pem()))
-        .domain_name("localhost");
-    if let Some(id) = identity {
-        tls = tls.identity(id);
-    }
-    Channel::from_shared(format!("https://localhost:{}", op.addr.port()))
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect()
-        .await
-        .expect("TLS connection to the operator")
-}
-
-fn workload(id: &str, app: &str) -> WorkloadRef {
-    WorkloadRef {
-        spiffe_id: id.to_owned(),
-        namespace: "shop".into(),
-        service_account: id.rsplit('/').next().unwrap().to_owned(),
-        pod_name: "orders-7d9f-abcde".into(),
-        labels: [("app".to_owned(), app.to_owned())].into(),
-        ports: vec![8080],
-        agent_instance_id: "instance-1".into(),
-        endpoints: vec![],
-    }
-}
-
-/// An open Watch stream: requests go in through `tx`.
-struct Watch {
-    tx: mpsc::Sender<WatchRequest>,
-    responses: tonic::Streaming<WatchResponse>,
-}
-
-impl Watch {
-    async fn open(channel: Channel, subscribe: WorkloadRef) -> Result<Self, tonic::Status> {
-        let (tx, rx) = mpsc::channel(8);
-        tx.send(WatchRequest {
-            kind: Some(Kind::Subscribe(subscribe)),
-        })
-        .await
-        .unwrap();
-        let responses = DiscoveryClient::new(channel)
-            .watch(ReceiverStream::new(rx))
-            .await?
-            .into_inner();
-        Ok(Self { tx, responses })
-    }
-
-    async fn next(&mut self) -> WorkloadPolicy {
-        self.next_response()
-            .await
-            .policy
-            .expect("response without a policy")
-    }
-
-    async fn next_response(&mut self) -> WatchResponse {
-        tokio::time::timeout(STEP, self.responses.message())
-            .await
-            .expect("nothing pushed in time")
-            .expect("stream error")
-            .expect("stream ended")
-    }
-
-    /// The next response, which must carry destinations and no policy.
-    async fn next_destinations(&mut self) -> MeshDestinations {
-        let r = self.next_response().await;
-        assert!(
-            r.policy.is_none(),
-            "a table change resent the policy: {r:?}"
-        );
-        r.destinations.expect("response without destinations")
-    }
-
-    async fn send(&self, kind: Kind) {
-        self.tx
-            .send(WatchRequest { kind: Some(kind) })
-            .await
-            .unwrap();
-    }
 }
 
 /// Prefixes of the routes, in order.
@@ -416,22 +316,6 @@ async fn a_file_broken_at_start_up_is_logged_and_the_others_are_served() {
     .await
     .unwrap();
     assert_eq!(prefixes(&watch.next().await), vec!["/orders"]);
-}
-
-/// A subscription of `id` (instance `instance`) advertising `endpoints`.
-fn advertising(id: &str, instance: &str, endpoints: &[(&str, u32)]) -> WorkloadRef {
-    let app = id.rsplit('/').next().unwrap();
-    WorkloadRef {
-        agent_instance_id: instance.into(),
-        endpoints: endpoints
-            .iter()
-            .map(|(ip, port)| MeshEndpoint {
-                ip: (*ip).into(),
-                port: *port,
-            })
-            .collect(),
-        ..workload(id, app)
-    }
 }
 
 /// (network, port, spiffe_id) of every entry, in table order.

@@ -4,6 +4,7 @@
 #![allow(dead_code)] // each test file uses a different subset
 
 pub mod mock_api;
+pub mod watch;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -34,6 +35,8 @@ pub fn install_ring() {
 pub struct Operator {
     child: Child,
     pub addr: SocketAddr,
+    /// The admin port (`/healthz`, `/readyz`, `/metrics`), unless `--admin ''`.
+    pub admin: Option<SocketAddr>,
     pub bundle_path: PathBuf,
     stderr: Arc<Mutex<String>>,
 }
@@ -71,9 +74,16 @@ pub fn write_tokens(dir: &Path, lines: &[(&str, &str, &str)]) -> PathBuf {
     path
 }
 
-/// Starts the operator on an ephemeral loopback port and waits for its
-/// `listening on` line.
+/// Starts the operator on ephemeral loopback ports (gRPC, and admin unless
+/// `extra` sets `--admin`) and waits for its `listening on` line.
 pub fn spawn_operator(state_dir: &Path, tokens: &Path, extra: &[&str]) -> Operator {
+    // The default admin address (0.0.0.0:15014) would collide between
+    // operators started in parallel.
+    let admin: &[&str] = if extra.contains(&"--admin") {
+        &[]
+    } else {
+        &["--admin", "127.0.0.1:0"]
+    };
     let mut child = Command::new(BIN)
         .arg("serve")
         .arg("--state-dir")
@@ -81,6 +91,7 @@ pub fn spawn_operator(state_dir: &Path, tokens: &Path, extra: &[&str]) -> Operat
         .arg("--tokens")
         .arg(tokens)
         .args(["--listen", "127.0.0.1:0"])
+        .args(admin)
         .args(extra)
         .env("RUST_LOG", "info")
         .stdout(Stdio::piped())
@@ -109,6 +120,7 @@ pub fn spawn_operator(state_dir: &Path, tokens: &Path, extra: &[&str]) -> Operat
         }
     });
     let mut bundle_path = None;
+    let mut admin = None;
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
@@ -126,10 +138,14 @@ pub fn spawn_operator(state_dir: &Path, tokens: &Path, extra: &[&str]) -> Operat
         if let Some(p) = line.strip_prefix("palisade-operator trust bundle ") {
             bundle_path = Some(PathBuf::from(p));
         }
+        if let Some(a) = line.strip_prefix("palisade-operator admin listening on ") {
+            admin = Some(a.parse().unwrap());
+        }
         if let Some(a) = line.strip_prefix("palisade-operator listening on ") {
             return Operator {
                 child,
                 addr: a.parse().unwrap(),
+                admin,
                 bundle_path: bundle_path.expect("trust bundle line before listening line"),
                 stderr,
             };
