@@ -219,6 +219,16 @@ pub fn ca_init(state_dir: &Path) -> PathBuf {
     bundle
 }
 
+/// `serve` flags for a `dir:` policy source, polled every 100 ms.
+pub fn dir_source_flags(dir: &Path) -> Vec<String> {
+    vec![
+        "--source".into(),
+        format!("dir:{}", dir.display()),
+        "--source-poll-interval".into(),
+        "100ms".into(),
+    ]
+}
+
 /// A running `palisade-operator serve` in local mode.
 pub struct Operator {
     pub proc: Proc,
@@ -234,6 +244,17 @@ impl Operator {
         listen: SocketAddr,
         cert_ttl: &str,
     ) -> Self {
+        Self::start_with(state_dir, tokens, listen, cert_ttl, &[]).await
+    }
+
+    /// [`Operator::start`] with more `serve` flags (e.g. `--source dir:…`).
+    pub async fn start_with(
+        state_dir: &Path,
+        tokens: &Path,
+        listen: SocketAddr,
+        cert_ttl: &str,
+        extra: &[String],
+    ) -> Self {
         let mut cmd = Command::new(workspace_bin("palisade-operator"));
         cmd.arg("serve")
             .arg("--state-dir")
@@ -244,6 +265,9 @@ impl Operator {
             .arg(listen.to_string())
             .arg("--cert-ttl")
             .arg(cert_ttl)
+            // Tests run in parallel: no fixed admin port 15014.
+            .args(["--admin", "127.0.0.1:0"])
+            .args(extra)
             .env_remove("POD_NAMESPACE")
             .env("RUST_LOG", "info");
         let mut proc = Proc::spawn("palisade-operator", cmd);

@@ -15,8 +15,8 @@ use hyper::body::Bytes;
 use palisade_agent::identity::{CertStore, IdentityClient, IdentityClientConfig, TokenSource};
 use palisade_agent::tls::{MeshTrust, SharedTrustBundle, TrustBundle};
 use palisade_e2e::{
-    AppHttp, OPERATOR_ID, Proc, TRUST_DOMAIN, ca_init, free_port, h2_connect, poll_until,
-    serve_app, within, workspace_bin, write_tokens,
+    AppHttp, OPERATOR_ID, Operator, Proc, TRUST_DOMAIN, ca_init, dir_source_flags, free_port,
+    h2_connect, poll_until, serve_app, within, workspace_bin, write_tokens,
 };
 use palisade_policy::identity::SpiffeId;
 
@@ -150,25 +150,18 @@ async fn scenario() {
     std::fs::create_dir(&policies).unwrap();
     write_policy(&policies, &policy("allow"));
 
-    let mut cmd = Command::new(workspace_bin("palisade-operator"));
-    cmd.arg("serve")
-        .arg("--state-dir")
-        .arg(&state)
-        .arg("--tokens")
-        .arg(&tokens)
-        .args(["--listen", "127.0.0.1:0"])
-        .arg("--source")
-        .arg(format!("dir:{}", policies.display()))
-        .args(["--source-poll-interval", "100ms"])
-        .env_remove("POD_NAMESPACE")
-        .env("RUST_LOG", "info");
-    let mut operator = Proc::spawn("palisade-operator", cmd);
-    const LISTENING: &str = "palisade-operator listening on ";
-    let line = operator
-        .wait_for_line(STEP, |l| l.starts_with(LISTENING))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let operator_addr: SocketAddr = line[LISTENING.len()..].trim().parse().unwrap();
+    let Operator {
+        proc: mut operator,
+        addr: operator_addr,
+        ..
+    } = Operator::start_with(
+        &state,
+        &tokens,
+        "127.0.0.1:0".parse().unwrap(),
+        "24h",
+        &dir_source_flags(&policies),
+    )
+    .await;
 
     let (app, seen) = backend().await;
     let agent_token = dir.path().join("agent-token");
