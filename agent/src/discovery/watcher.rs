@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use palisade_policy::identity::SpiffeId;
 use palisade_policy::wire::WorkloadPolicy;
+use palisade_proto::discovery::limits::truncate_reason;
 use palisade_proto::discovery::v1::discovery_client::DiscoveryClient;
 use palisade_proto::discovery::v1::watch_request::Kind;
 use palisade_proto::discovery::v1::{
@@ -41,9 +42,6 @@ use crate::tls::{MeshTrust, TlsConfigError};
 
 /// Compiled policies with large JSON Schemas can exceed tonic's 4 MiB default.
 const MAX_POLICY_BYTES: usize = 16 * 1024 * 1024;
-
-/// NACK reasons are cut to this many bytes (the operator keeps 1 KiB).
-const MAX_REASON_BYTES: usize = 1024;
 
 /// How often to look for the first certificate before subscribing.
 const CERT_POLL: Duration = Duration::from_millis(100);
@@ -393,7 +391,7 @@ impl PolicyWatcher {
     }
 
     fn nack(&self, version: String, reason: String) -> WatchRequest {
-        let reason = truncate(&reason, MAX_REASON_BYTES).to_owned();
+        let reason = truncate_reason(&reason).to_owned();
         let in_force = self.status.snapshot().version;
         tracing::warn!(%version, %reason, ?in_force,
             "policy version refused (NACK); the previous policy stays in force");
@@ -408,17 +406,6 @@ fn ack(version: String) -> WatchRequest {
     WatchRequest {
         kind: Some(Kind::Ack(Ack { version })),
     }
-}
-
-fn truncate(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
 }
 
 #[cfg(test)]
@@ -573,11 +560,5 @@ mod tests {
             );
         }
         assert!(watcher("[::1]:15012", WorkloadInfo::default()).is_ok());
-    }
-
-    #[test]
-    fn reasons_are_cut_on_a_char_boundary() {
-        assert_eq!(truncate("héllo", 2), "h");
-        assert_eq!(truncate("abc", 10), "abc");
     }
 }

@@ -37,7 +37,7 @@ pub use identity_origin::{IdentityOrigin, IdentityOriginError, OperatorEndpoint}
 pub use policy_origin::{DiscoveryOptions, PolicyFileError, PolicyOrigin};
 
 /// The operator refuses a subscription advertising more endpoints.
-const MAX_ADVERTISED_ENDPOINTS: usize = 16;
+use palisade_proto::discovery::limits::MAX_ENDPOINTS as MAX_ADVERTISED_ENDPOINTS;
 
 /// The UID `palisade-agent init` exempts from capture by default.
 const DEFAULT_PROXY_UID: u32 = 2137;

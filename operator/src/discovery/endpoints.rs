@@ -20,7 +20,7 @@ use tokio::sync::watch;
 
 /// At most this many endpoints per subscriber: a pod has a handful of
 /// addresses; more is a mistake or an attempt to bloat everyone's table.
-pub const MAX_ENDPOINTS: usize = 16;
+pub use palisade_proto::discovery::limits::MAX_ENDPOINTS;
 
 /// The identity entry meaning "any identity of the trust domain".
 pub const ANY_IDENTITY: &str = "*";

@@ -25,7 +25,8 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::endpoints::{Endpoint, MeshRegistry, parse_endpoints};
 use super::source::PolicySet;
-use super::status::{DiscoveryStatus, MAX_REASON_BYTES, truncate};
+use super::status::DiscoveryStatus;
+use palisade_proto::discovery::limits::truncate_reason;
 
 /// How long a caller may take to send `subscribe` after opening the stream.
 const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -369,7 +370,7 @@ impl Session {
                 Ok(())
             }
             Some(Kind::Nack(nack)) => {
-                let reason = truncate(&nack.reason, MAX_REASON_BYTES);
+                let reason = truncate_reason(&nack.reason);
                 tracing::warn!(spiffe_id = %sub.spiffe_id, instance = %sub.instance,
                     pod = %sub.pod_name, version = %nack.version, %reason,
                     "agent refused policy version (NACK); it keeps its previous version");

@@ -12,9 +12,6 @@ use std::time::{Duration, SystemTime};
 /// and go with random instance ids cannot grow the table without bound.
 const FORGET_AFTER: Duration = Duration::from_secs(3600);
 
-/// NACK reasons are kept (and logged) up to this many bytes.
-pub const MAX_REASON_BYTES: usize = 1024;
-
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NackRecord {
     pub version: String,
@@ -193,18 +190,6 @@ impl DiscoveryStatus {
     }
 }
 
-/// Cuts `s` to at most `max` bytes on a character boundary.
-pub fn truncate(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -240,11 +225,5 @@ mod tests {
         s.unsubscribed("i1");
         assert_eq!(s.subscribers(), 0);
         assert!(!s.agent("i1").unwrap().connected());
-    }
-
-    #[test]
-    fn truncates_on_char_boundary() {
-        assert_eq!(truncate("héllo", 2), "h");
-        assert_eq!(truncate("abc", 10), "abc");
     }
 }
