@@ -20,7 +20,7 @@ use palisade_operator::discovery::{
 use palisade_operator::identity::IssuanceCounters;
 use palisade_operator::server::{ServeConfig, Server};
 use palisade_operator::tokens::TokenValidator;
-use palisade_operator::tokens::file::TokenFile;
+use palisade_operator::tokens::reload::ReloadingTokenFile;
 use palisade_operator::tokens::review::TokenReviewer;
 use palisade_policy::identity::SpiffeId;
 
@@ -63,6 +63,9 @@ struct ServeArgs {
     )]
     state_dir: Option<PathBuf>,
     /// Token file: one `TOKEN NAMESPACE SERVICEACCOUNT` per line, `#` comments.
+    /// Re-read every --tokens-poll-interval: added tokens are accepted and
+    /// removed ones refused without a restart; a broken edit is logged and
+    /// the previous tokens stay in force.
     #[arg(
         long,
         value_name = "FILE",
@@ -70,6 +73,15 @@ struct ServeArgs {
         conflicts_with = "kubernetes"
     )]
     tokens: Option<PathBuf>,
+    /// How often the --tokens file is re-read, e.g. 1s, 500ms.
+    #[arg(
+        long,
+        value_name = "DURATION",
+        default_value = "1s",
+        value_parser = parse_poll_interval,
+        conflicts_with = "kubernetes"
+    )]
+    tokens_poll_interval: Duration,
     /// Kubernetes mode: CA in a Secret, tokens checked with TokenReview
     /// (audience palisade.dev), using the in-cluster or kubeconfig credentials.
     #[arg(long)]
@@ -205,13 +217,19 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         match (&args.state_dir, &args.tokens, args.kubernetes) {
             (Some(state_dir), Some(tokens), false) => {
                 // Tokens first: a mistyped path should not leave a new CA behind.
-                let tokens = TokenFile::load(tokens)?;
+                let tokens = Arc::new(ReloadingTokenFile::load(tokens)?);
                 let (material, origin) = ca::dir::load_or_create(state_dir, generate)?;
-                tracing::info!(tokens = tokens.len(), "loaded the token file");
+                tracing::info!(
+                    tokens = tokens.current().len(),
+                    poll_interval = ?args.tokens_poll_interval,
+                    "loaded the token file"
+                );
+                // Rotation and revocation without a restart.
+                tokio::spawn(tokens.clone().run(args.tokens_poll_interval));
                 // Absolute, so scripts can use it from anywhere.
                 let state_dir = std::fs::canonicalize(state_dir).unwrap_or(state_dir.clone());
                 let bundle = ca::dir::trust_bundle_path(&state_dir).display().to_string();
-                (material, origin, Arc::new(tokens), bundle)
+                (material, origin, tokens, bundle)
             }
             (None, None, true) => {
                 let client = kube::Client::try_default()

@@ -40,11 +40,23 @@ impl std::fmt::Debug for TokenFile {
 
 impl TokenFile {
     pub fn load(path: &Path) -> Result<Self, TokenFileError> {
-        let text = std::fs::read_to_string(path).map_err(|source| TokenFileError::Read {
+        let bytes = read(path)?;
+        Self::from_bytes(path, &bytes)
+    }
+
+    /// Parses content already read from `path` (the reloader hashes the
+    /// bytes before deciding to parse them); `path` only names errors.
+    pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<Self, TokenFileError> {
+        // Same error as `read_to_string` gave before the split, so a start
+        // with a non-UTF-8 file fails exactly as it always did.
+        let text = std::str::from_utf8(bytes).map_err(|_| TokenFileError::Read {
             path: path.display().to_string(),
-            source,
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "stream did not contain valid UTF-8",
+            ),
         })?;
-        Self::parse(&text)
+        Self::parse(text)
     }
 
     pub fn parse(text: &str) -> Result<Self, TokenFileError> {
@@ -82,12 +94,48 @@ impl TokenFile {
         self.tokens.is_empty()
     }
 
+    /// How `self` differs from `old`: tokens added, tokens removed, and
+    /// tokens kept but now mapped to another identity. For logs; counts
+    /// only, never tokens.
+    pub fn diff(&self, old: &TokenFile) -> TokenDiff {
+        let mut diff = TokenDiff::default();
+        for (digest, (sa, _)) in &self.tokens {
+            match old.tokens.get(digest) {
+                None => diff.added += 1,
+                Some((before, _)) if before != sa => diff.remapped += 1,
+                Some(_) => {}
+            }
+        }
+        diff.removed = old
+            .tokens
+            .keys()
+            .filter(|d| !self.tokens.contains_key(*d))
+            .count();
+        diff
+    }
+
     fn lookup(&self, token: &str) -> Result<ServiceAccount, TokenError> {
         self.tokens
             .get(&digest(token))
             .map(|(sa, _)| sa.clone())
             .ok_or_else(|| TokenError::Rejected("not in the token file".into()))
     }
+}
+
+/// What changed between two versions of a token file (see [`TokenFile::diff`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TokenDiff {
+    pub added: usize,
+    pub removed: usize,
+    pub remapped: usize,
+}
+
+/// Reads the raw bytes of a token file, naming the file on error.
+pub fn read(path: &Path) -> Result<Vec<u8>, TokenFileError> {
+    std::fs::read(path).map_err(|source| TokenFileError::Read {
+        path: path.display().to_string(),
+        source,
+    })
 }
 
 /// `#` starts a comment at the beginning of a line or after whitespace, so
@@ -154,5 +202,28 @@ mod tests {
         assert!(TokenFile::parse("t a b extra\n").is_err());
         let file = TokenFile::parse("a#b shop orders #comment\n").unwrap();
         assert!(file.lookup("a#b").is_ok());
+    }
+
+    #[test]
+    fn non_utf8_content_is_a_read_error_naming_the_file() {
+        let err =
+            TokenFile::from_bytes(Path::new("/etc/tokens"), b"tok \xff shop a\n").unwrap_err();
+        assert!(matches!(err, TokenFileError::Read { .. }));
+        assert!(err.to_string().starts_with("/etc/tokens: "), "{err}");
+    }
+
+    #[test]
+    fn diff_counts_added_removed_and_remapped() {
+        let old = TokenFile::parse("t1 shop a\nt2 shop b\nt3 shop c\n").unwrap();
+        let new = TokenFile::parse("t1 shop a\nt3 shop other\nt4 shop d\nt5 shop e\n").unwrap();
+        assert_eq!(
+            new.diff(&old),
+            TokenDiff {
+                added: 2,
+                removed: 1,
+                remapped: 1
+            }
+        );
+        assert_eq!(old.diff(&old), TokenDiff::default());
     }
 }

@@ -1,11 +1,13 @@
 //! Proof of identity: a bearer token turned into a ServiceAccount.
 //!
 //! One trait, [`TokenValidator`], with two implementations: a local token
-//! file ([`file::TokenFile`]) and Kubernetes TokenReview
+//! file ([`file::TokenFile`], kept up to date on edits by
+//! [`reload::ReloadingTokenFile`]) and Kubernetes TokenReview
 //! ([`review::TokenReviewer`]). The identity service only ever sees the
 //! trait, so both modes issue exactly the same way.
 
 pub mod file;
+pub mod reload;
 pub mod review;
 
 use std::fmt;
