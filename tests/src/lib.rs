@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Bytes;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use palisade_agent::identity::CertStore;
-use palisade_agent::tls::{MeshTrust, MtlsMode};
+use palisade_agent::identity::{CertStore, IdentityClient, IdentityClientConfig, TokenSource};
+use palisade_agent::tls::{MeshTrust, MtlsMode, SharedTrustBundle, TrustBundle};
 use palisade_policy::identity::SpiffeId;
 use palisade_policy::spiffe_cert::CertificateSummary;
 use rustls_pki_types::ServerName;
@@ -289,6 +289,30 @@ impl Operator {
         assert!(bundle.is_file(), "{line}: no such file");
         Self { proc, addr, bundle }
     }
+
+    /// [`Operator::start`] on an ephemeral port, with its state in
+    /// `dir/state` and `tokens` written to the token file `dir/tokens`.
+    pub async fn start_in(dir: &Path, tokens: &[(&str, &str, &str)], cert_ttl: &str) -> Self {
+        let token_file = dir.join("tokens");
+        write_tokens(&token_file, tokens);
+        let listen = "127.0.0.1:0".parse().expect("loopback address");
+        Self::start(&dir.join("state"), &token_file, listen, cert_ttl).await
+    }
+
+    /// Mesh trust in [`TRUST_DOMAIN`] anchored in the operator's bundle.
+    pub fn trust(&self) -> MeshTrust {
+        let bundle = TrustBundle::from_pem_file(&self.bundle).expect("operator bundle");
+        MeshTrust::new(SharedTrustBundle::new(bundle), TRUST_DOMAIN).expect("mesh trust")
+    }
+
+    /// A client of this operator's identity service presenting `token`,
+    /// requiring the server to be [`OPERATOR_ID`], with a 5 s timeout.
+    pub fn identity_client(&self, trust: MeshTrust, token: TokenSource) -> IdentityClient {
+        let mut config = IdentityClientConfig::new(self.addr.to_string(), token);
+        config.operator_id = Some(SpiffeId::parse(OPERATOR_ID).expect("operator ID"));
+        config.timeout = Duration::from_secs(5);
+        IdentityClient::new(config, trust).expect("identity client")
+    }
 }
 
 /// Plain HTTP/1.1 GET (the agent's admin endpoint): status and body.
@@ -321,6 +345,24 @@ pub fn metric(text: &str, name: &str) -> Option<f64> {
         let (n, v) = l.split_once(' ')?;
         (n == name).then(|| v.trim().parse().ok())?
     })
+}
+
+/// The value of `name` in a `tracing` text record (`name=value` or
+/// `name="value"`), without quotes.
+pub fn log_field(line: &str, name: &str) -> Option<String> {
+    let start = line
+        .match_indices(&format!("{name}="))
+        .find(|(i, _)| *i == 0 || line.as_bytes()[i - 1] == b' ')?
+        .0
+        + name.len()
+        + 1;
+    let rest = &line[start..];
+    if let Some(quoted) = rest.strip_prefix('"') {
+        let end = quoted.find('"')?;
+        Some(quoted[..end].to_owned())
+    } else {
+        Some(rest.split(' ').next().unwrap_or_default().to_owned())
+    }
 }
 
 /// DER to PEM (base64 with 64-column lines), for handing certificates to tools.
@@ -529,10 +571,13 @@ where
 /// What a test app speaks.
 #[derive(Clone, Copy, Debug)]
 pub enum AppHttp {
-    /// HTTP/1.1 only.
+    /// HTTP/1.1 only; a handler may take a connection over with
+    /// `hyper::upgrade::on` (e.g. a WebSocket app).
     H1,
     /// HTTP/1.1 or h2c, whichever the client speaks.
     Auto,
+    /// h2c only (HTTP/2 with prior knowledge), as a gRPC server.
+    H2,
 }
 
 /// A test app on an ephemeral loopback port, served in the background:
@@ -563,10 +608,16 @@ where
                     AppHttp::H1 => {
                         let _ = hyper::server::conn::http1::Builder::new()
                             .serve_connection(io, service)
+                            .with_upgrades()
                             .await;
                     }
                     AppHttp::Auto => {
                         let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                            .serve_connection(io, service)
+                            .await;
+                    }
+                    AppHttp::H2 => {
+                        let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                             .serve_connection(io, service)
                             .await;
                     }

@@ -11,14 +11,13 @@
 mod fixtures;
 
 use std::net::SocketAddr;
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use fixtures::{ORDERS, Pki, Req, WEB, compile_policy, sha256_hex};
+use fixtures::{ORDERS, Pki, Req, WEB, agent_command, compile_policy, sha256_hex};
 use http_body_util::Full;
 use hyper::body::Bytes;
-use palisade_e2e::{AppHttp, Proc, free_port, http_get, serve_app, workspace_bin};
+use palisade_e2e::{AppHttp, Proc, free_port, http_get, serve_app};
 
 const ACME_KEY: &str = "acme-lifecycle-key-0123456789";
 const INITECH_KEY: &str = "initech-lifecycle-key-9876543210";
@@ -59,29 +58,17 @@ async fn admin_audit_and_graceful_shutdown() {
     let (cert, key) = pki.write_leaf(ORDERS, "orders");
     let listen = free_port();
     let admin = free_port();
-    let mut cmd = Command::new(workspace_bin("palisade-agent"));
-    cmd.arg("run")
-        .arg("--inbound")
+    let mut cmd = agent_command(&pki.bundle, &cert, &key, &admin.to_string());
+    cmd.arg("--inbound")
         .arg(format!("{listen}={app}"))
         .arg("--policy-file")
         .arg(&policy)
-        .arg("--trust-bundle")
-        .arg(&pki.bundle)
-        .arg("--cert")
-        .arg(&cert)
-        .arg("--key")
-        .arg(&key)
-        .arg("--admin")
-        .arg(admin.to_string())
         .arg("--app-probe")
         .arg(format!("ready={app}/healthz"))
         .arg("--app-probe")
         .arg(format!("gone={}/", free_port()))
         .arg("--drain-timeout")
-        .arg("10")
-        .env_remove("PALISADE_RATELIMIT_REDIS")
-        .env_remove("PALISADE_OPERATOR")
-        .env("RUST_LOG", "info");
+        .arg("10");
     let mut agent = Proc::spawn("palisade-agent", cmd);
     agent
         .wait_for_line(Duration::from_secs(20), |l| {

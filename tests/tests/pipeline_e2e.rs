@@ -13,24 +13,17 @@
 
 mod fixtures;
 
-use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use fixtures::{
-    INVOICER, ORDERS, OTHER, Req, WEB, assert_denied, assert_ok, bounded, setup, sha256_hex,
-    unix_now,
+    INVOICER, JwksServer, ORDERS, OTHER, Req, WEB, assert_denied, assert_ok, bounded, setup,
+    sha256_hex, unix_now,
 };
-use http_body_util::Full;
-use hyper::body::{Bytes, Incoming};
-use hyper_util::rt::TokioIo;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
 
 // --- JWT ---------------------------------------------------------------------
 
@@ -117,60 +110,6 @@ fn hand_token(header: &Value, claims: &Value, signature: &[u8]) -> String {
         URL_SAFE_NO_PAD.encode(claims.to_string()),
         URL_SAFE_NO_PAD.encode(signature)
     )
-}
-
-/// Serves a JWKS (body replaceable mid-test, `Cache-Control: max-age=600`)
-/// and counts fetches.
-struct JwksServer {
-    addr: SocketAddr,
-    body: Arc<Mutex<String>>,
-    hits: Arc<AtomicUsize>,
-}
-
-impl JwksServer {
-    async fn start(body: String) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let body = Arc::new(Mutex::new(body));
-        let hits = Arc::new(AtomicUsize::new(0));
-        let (b, h) = (body.clone(), hits.clone());
-        tokio::spawn(async move {
-            while let Ok((tcp, _)) = listener.accept().await {
-                let (b, h) = (b.clone(), h.clone());
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |_req: hyper::Request<Incoming>| {
-                        h.fetch_add(1, Ordering::SeqCst);
-                        let body = b.lock().unwrap().clone();
-                        async move {
-                            Ok::<_, Infallible>(
-                                hyper::Response::builder()
-                                    .header("content-type", "application/json")
-                                    .header("cache-control", "public, max-age=600")
-                                    .body(Full::new(Bytes::from(body)))
-                                    .unwrap(),
-                            )
-                        }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(tcp), svc)
-                        .await;
-                });
-            }
-        });
-        Self { addr, body, hits }
-    }
-
-    fn uri(&self) -> String {
-        format!("http://{}/.well-known/jwks.json", self.addr)
-    }
-
-    fn hits(&self) -> usize {
-        self.hits.load(Ordering::SeqCst)
-    }
-
-    fn serve(&self, body: String) {
-        *self.body.lock().unwrap() = body;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -19,45 +19,22 @@
 
 mod fixtures;
 
-use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use fixtures::{
-    AUDIT_LOG, Req, Setup, WEB, assert_denied, assert_ok, bounded, deny_request_id, send_plaintext,
-    setup_with, unix_now,
+    AUDIT_LOG, JwksServer, Req, Setup, WEB, assert_denied, assert_ok, bounded, deny_request_id,
+    send_plaintext, setup_with, unix_now,
 };
-use http_body_util::Full;
-use hyper::body::{Bytes, Incoming};
-use hyper_util::rt::TokioIo;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use palisade_e2e::log_field;
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
 
 /// Every agent of this file writes its audit records.
 async fn setup(policy: &str, vars: &[(&str, &str)]) -> Setup {
     setup_with(policy, vars, AUDIT_LOG).await
-}
-
-/// The value of `field` in a `tracing` text record (`field=value` or
-/// `field="value"`), without quotes.
-fn field(line: &str, name: &str) -> Option<String> {
-    let start = line
-        .match_indices(&format!("{name}="))
-        .find(|(i, _)| *i == 0 || line.as_bytes()[i - 1] == b' ')?
-        .0
-        + name.len()
-        + 1;
-    let rest = &line[start..];
-    if let Some(quoted) = rest.strip_prefix('"') {
-        let end = quoted.find('"')?;
-        Some(quoted[..end].to_owned())
-    } else {
-        Some(rest.split(' ').next().unwrap_or_default().to_owned())
-    }
 }
 
 // --- 1. IP filter ------------------------------------------------------------
@@ -202,7 +179,7 @@ async fn ip_filter_scenario() {
             !lines.is_empty()
                 && lines
                     .iter()
-                    .all(|l| field(l, "reason").as_deref() == Some("ipfilter.denied")),
+                    .all(|l| log_field(l, "reason").as_deref() == Some("ipfilter.denied")),
             "every refusal is ipfilter.denied:\n{}",
             s.log()
         );
@@ -238,10 +215,14 @@ async fn audit_scenario() {
         .expect("the app got an x-request-id")
         .to_owned();
     let line = s.audit_record(&rid).await;
-    assert_eq!(field(&line, "decision").as_deref(), Some("allow"), "{line}");
-    assert_eq!(field(&line, "status").as_deref(), Some("200"), "{line}");
     assert_eq!(
-        field(&line, "shadow_reason").as_deref(),
+        log_field(&line, "decision").as_deref(),
+        Some("allow"),
+        "{line}"
+    );
+    assert_eq!(log_field(&line, "status").as_deref(), Some("200"), "{line}");
+    assert_eq!(
+        log_field(&line, "shadow_reason").as_deref(),
         Some("authz.deny_rule"),
         "the audit-mode deny rule is reported: {line}"
     );
@@ -253,8 +234,12 @@ async fn audit_scenario() {
     assert_eq!(seen.len(), 1);
     let rid = seen[0].header("x-request-id").unwrap().to_owned();
     let line = s.audit_record(&rid).await;
-    assert_eq!(field(&line, "decision").as_deref(), Some("allow"), "{line}");
-    assert_eq!(field(&line, "shadow_reason"), None, "{line}");
+    assert_eq!(
+        log_field(&line, "decision").as_deref(),
+        Some("allow"),
+        "{line}"
+    );
+    assert_eq!(log_field(&line, "shadow_reason"), None, "{line}");
 
     // An enforced denial, with a secret in the query.
     const SECRET: &str = "s3cr3t-e2e-0b5f";
@@ -268,19 +253,27 @@ async fn audit_scenario() {
     );
     let rid = deny_request_id(&r);
     let line = s.audit_record(&rid).await;
-    assert_eq!(field(&line, "decision").as_deref(), Some("deny"), "{line}");
-    assert_eq!(field(&line, "status").as_deref(), Some("403"), "{line}");
     assert_eq!(
-        field(&line, "reason").as_deref(),
+        log_field(&line, "decision").as_deref(),
+        Some("deny"),
+        "{line}"
+    );
+    assert_eq!(log_field(&line, "status").as_deref(), Some("403"), "{line}");
+    assert_eq!(
+        log_field(&line, "reason").as_deref(),
         Some("authz.deny_rule"),
         "{line}"
     );
     assert_eq!(
-        field(&line, "rule").as_deref(),
+        log_field(&line, "rule").as_deref(),
         Some("shop/catalog/routes/secret/deny/everyone"),
         "{line}"
     );
-    assert_eq!(field(&line, "path").as_deref(), Some("/secret/x"), "{line}");
+    assert_eq!(
+        log_field(&line, "path").as_deref(),
+        Some("/secret/x"),
+        "{line}"
+    );
     let log = s.log();
     assert!(
         !log.contains(SECRET) && !log.contains("token="),
@@ -354,38 +347,6 @@ const INLINE: &str = "https://inline.palisade.test";
 const SERVED: &str = "https://served.palisade.test";
 const DOWN: &str = "https://down.palisade.test";
 
-/// Serves one JWKS document and counts fetches.
-async fn jwks_server(body: String) -> (SocketAddr, std::sync::Arc<AtomicUsize>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let hits = std::sync::Arc::new(AtomicUsize::new(0));
-    let h = hits.clone();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let (b, h) = (body.clone(), h.clone());
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |_req: hyper::Request<Incoming>| {
-                    h.fetch_add(1, Ordering::SeqCst);
-                    let body = b.clone();
-                    async move {
-                        Ok::<_, Infallible>(
-                            hyper::Response::builder()
-                                .header("content-type", "application/json")
-                                .header("cache-control", "max-age=600")
-                                .body(Full::new(Bytes::from(body)))
-                                .unwrap(),
-                        )
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tcp), svc)
-                    .await;
-            });
-        }
-    });
-    (addr, hits)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eddsa_jwts_inline_and_served_and_an_unreachable_jwks_fails_closed() {
     bounded("the EdDSA scenario", 25, eddsa_scenario()).await;
@@ -396,14 +357,14 @@ async fn eddsa_scenario() {
     let served = EdKey::new("ed-served");
     let down = EdKey::new("ed-down");
     let stranger = EdKey::new("ed-stranger");
-    let (jwks_addr, hits) = jwks_server(jwks(&[&served])).await;
+    let jwks_server = JwksServer::start(jwks(&[&served])).await;
     // Nothing listens there (the listener is closed at once).
     let dead = palisade_e2e::free_port();
     let s = setup(
         "jwt_eddsa.yaml",
         &[
             ("INLINE_JWKS", &jwks(&[&inline])),
-            ("JWKS_URI", &format!("http://{jwks_addr}/jwks.json")),
+            ("JWKS_URI", &jwks_server.uri()),
             ("DEAD_JWKS_URI", &format!("http://{dead}/jwks.json")),
         ],
     )
@@ -425,7 +386,7 @@ async fn eddsa_scenario() {
         )
         .await;
     assert_ok(&r, "EdDSA token, key from the JWKS server");
-    assert_eq!(hits.load(Ordering::SeqCst), 1, "the JWKS was fetched once");
+    assert_eq!(jwks_server.hits(), 1, "the JWKS was fetched once");
 
     // Tokens that must not verify.
     let refused = [
@@ -469,7 +430,7 @@ async fn eddsa_scenario() {
         assert_denied(&r, 401, "unauthorized", &format!("unreachable JWKS #{i}"));
         let line = s.audit_record(&deny_request_id(&r)).await;
         assert_eq!(
-            field(&line, "reason").as_deref(),
+            log_field(&line, "reason").as_deref(),
             Some("authn.failed"),
             "refused as a failed credential, not as a missing one: {line}"
         );

@@ -6,19 +6,15 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use palisade_agent::identity::{
-    CertStore, IdentityClient, IdentityClientConfig, RenewalConfig, RenewalEvent, Renewer,
-    TokenSource,
-};
-use palisade_agent::tls::{MeshTrust, SharedTrustBundle, TrustBundle};
-use palisade_e2e::{
-    OPERATOR_ID, Operator, TRUST_DOMAIN, h2_connect, h2_get, start_h2_server, within, write_tokens,
-};
-use palisade_policy::identity::SpiffeId;
+use palisade_agent::identity::{CertStore, RenewalConfig, RenewalEvent, Renewer, TokenSource};
+use palisade_agent::tls::MeshTrust;
+use palisade_e2e::{Operator, h2_connect, h2_get, start_h2_server, within};
 use tokio::sync::broadcast;
 
 const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
 const ORDERS: &str = "spiffe://cluster.local/ns/shop/sa/orders";
+const WEB_TOKEN: &str = "e2e-web-token-0123456789abcdef";
+const ORDERS_TOKEN: &str = "e2e-orders-token-0123456789abcdef";
 
 /// One agent's identity half, as `palisade-agent identity` wires it, with
 /// the token in a file like a projected ServiceAccount token.
@@ -36,13 +32,8 @@ impl Drop for Agent {
 }
 
 fn start_agent(operator: &Operator, token_file: std::path::PathBuf) -> Agent {
-    let bundle = TrustBundle::from_pem_file(&operator.bundle).expect("operator bundle");
-    let trust = MeshTrust::new(SharedTrustBundle::new(bundle), TRUST_DOMAIN).unwrap();
-    let mut config =
-        IdentityClientConfig::new(operator.addr.to_string(), TokenSource::File(token_file));
-    config.operator_id = Some(SpiffeId::parse(OPERATOR_ID).unwrap());
-    config.timeout = Duration::from_secs(5);
-    let client = IdentityClient::new(config, trust.clone()).unwrap();
+    let trust = operator.trust();
+    let client = operator.identity_client(trust.clone(), TokenSource::File(token_file));
     let store = Arc::new(CertStore::new());
     // The production schedule: 70 % of the lifetime, 1 s floor, 1 s…60 s backoff.
     let renewer = Renewer::new(client, store.clone(), RenewalConfig::default());
@@ -87,22 +78,13 @@ async fn one_http2_connection_outlives_several_renewals() {
 
 async fn scenario() {
     let dir = tempfile::tempdir().unwrap();
-    let tokens = dir.path().join("tokens");
-    write_tokens(
-        &tokens,
-        &[
-            ("e2e-web-token-0123456789abcdef", "shop", "web"),
-            ("e2e-orders-token-0123456789abcdef", "shop", "orders"),
-        ],
-    );
     let web_token = dir.path().join("web-token");
     let orders_token = dir.path().join("orders-token");
-    std::fs::write(&web_token, "e2e-web-token-0123456789abcdef\n").unwrap();
-    std::fs::write(&orders_token, "e2e-orders-token-0123456789abcdef\n").unwrap();
-    let operator = Operator::start(
-        &dir.path().join("state"),
-        &tokens,
-        "127.0.0.1:0".parse().unwrap(),
+    std::fs::write(&web_token, format!("{WEB_TOKEN}\n")).unwrap();
+    std::fs::write(&orders_token, format!("{ORDERS_TOKEN}\n")).unwrap();
+    let operator = Operator::start_in(
+        dir.path(),
+        &[(WEB_TOKEN, "shop", "web"), (ORDERS_TOKEN, "shop", "orders")],
         "3s",
     )
     .await;

@@ -8,14 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use palisade_agent::identity::{
-    CertStore, CertifyError, IdentityClient, IdentityClientConfig, RenewalConfig, Renewer,
-    TokenSource,
+    CertStore, CertifyError, IdentityClient, RenewalConfig, Renewer, TokenSource,
 };
-use palisade_agent::tls::{MeshTrust, SharedTrustBundle, TrustBundle};
-use palisade_e2e::{
-    OPERATOR_ID, Operator, TRUST_DOMAIN, pem_encode, within, workspace_bin, write_tokens,
-};
-use palisade_policy::identity::SpiffeId;
+use palisade_e2e::{Operator, pem_encode, within, workspace_bin};
 use serde_json::Value;
 
 const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
@@ -24,13 +19,7 @@ const WEB_TOKEN: &str = "e2e-web-token-0123456789abcdef";
 const ORDERS_TOKEN: &str = "e2e-orders-token-0123456789abcdef";
 
 fn client(operator: &Operator, token: &str) -> IdentityClient {
-    let bundle = TrustBundle::from_pem_file(&operator.bundle).expect("operator bundle");
-    let trust = MeshTrust::new(SharedTrustBundle::new(bundle), TRUST_DOMAIN).unwrap();
-    let mut config =
-        IdentityClientConfig::new(operator.addr.to_string(), TokenSource::Static(token.into()));
-    config.operator_id = Some(SpiffeId::parse(OPERATOR_ID).unwrap());
-    config.timeout = Duration::from_secs(5);
-    IdentityClient::new(config, trust).unwrap()
+    operator.identity_client(operator.trust(), TokenSource::Static(token.into()))
 }
 
 /// `palisadectl certs inspect --file … --bundle … --output json`: exit status and report.
@@ -131,15 +120,9 @@ async fn the_certificate_carries_the_tokens_identity() {
 
 async fn scenario() {
     let dir = tempfile::tempdir().unwrap();
-    let tokens = dir.path().join("tokens");
-    write_tokens(
-        &tokens,
+    let operator = Operator::start_in(
+        dir.path(),
         &[(WEB_TOKEN, "shop", "web"), (ORDERS_TOKEN, "shop", "orders")],
-    );
-    let operator = Operator::start(
-        &dir.path().join("state"),
-        &tokens,
-        "127.0.0.1:0".parse().unwrap(),
         "1h",
     )
     .await;

@@ -25,20 +25,16 @@
 
 mod fixtures;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::pin::Pin;
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use fixtures::{ORDERS, OTHER, Pki, WEB, compile_policy};
+use fixtures::{ORDERS, OTHER, Pki, WEB, agent_command, bounded, compile_policy};
 use http_body_util::Full;
-use hyper::body::{Bytes, Incoming};
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use palisade_e2e::{Proc, workspace_bin};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use palisade_e2e::{AppHttp, Proc, log_field, serve_app};
 use palisade_proto::audit::v1::audit_client::AuditClient;
 use palisade_proto::audit::v1::audit_server::{Audit, AuditServer};
 use palisade_proto::audit::v1::{AuditBatch, ReportAck};
@@ -67,13 +63,6 @@ const WAIT: Duration = Duration::from_secs(10);
 /// Bound on an agent's start-up.
 const STARTUP: Duration = Duration::from_secs(20);
 const XFCC: &str = "x-forwarded-client-cert";
-
-/// A whole test function, bounded.
-async fn bounded(what: &str, secs: u64, f: impl std::future::Future<Output = ()>) {
-    tokio::time::timeout(Duration::from_secs(secs), f)
-        .await
-        .unwrap_or_else(|_| panic!("{what} took longer than {secs} s"));
-}
 
 /// What an app received, in order.
 type Log = Arc<Mutex<Vec<String>>>;
@@ -104,7 +93,7 @@ impl Mesh {
         let (web_crt, web_key) = pki.write_leaf(WEB, "web");
         let policy = compile_policy("two_agents.yaml", &[("DENIED", denied)], dir.path());
 
-        let mut cmd = agent(&pki.bundle, &orders_crt, &orders_key);
+        let mut cmd = agent_command(&pki.bundle, &orders_crt, &orders_key, "");
         cmd.arg("--inbound")
             .arg(format!("127.0.0.1:0={app}"))
             .arg("--policy-file")
@@ -115,7 +104,7 @@ impl Mesh {
         let mut inbound = Proc::spawn("inbound agent (orders)", cmd);
         let inbound_addr = listening(&mut inbound, "inbound proxy listening").await;
 
-        let mut cmd = agent(&pki.bundle, &web_crt, &web_key);
+        let mut cmd = agent_command(&pki.bundle, &web_crt, &web_key, "");
         cmd.arg("--outbound")
             .arg(format!("127.0.0.1:0={inbound_addr}"))
             .arg("--mesh-destination")
@@ -131,45 +120,15 @@ impl Mesh {
     }
 }
 
-fn agent(bundle: &Path, cert: &Path, key: &Path) -> Command {
-    let mut cmd = Command::new(workspace_bin("palisade-agent"));
-    cmd.arg("run")
-        .arg("--trust-bundle")
-        .arg(bundle)
-        .arg("--cert")
-        .arg(cert)
-        .arg("--key")
-        .arg(key)
-        .args(["--admin", ""])
-        .env_remove("PALISADE_OPERATOR")
-        .env_remove("PALISADE_TRUST_BUNDLE")
-        .env_remove("PALISADE_TOKEN_FILE")
-        .env_remove("PALISADE_RATELIMIT_REDIS")
-        .env("RUST_LOG", "info");
-    cmd
-}
-
 /// The `listen=` address of the agent's start-up line `message`.
 async fn listening(proc: &mut Proc, message: &str) -> SocketAddr {
     let line = proc
         .wait_for_line(STARTUP, |l| l.contains(message))
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    field(&line, "listen")
+    log_field(&line, "listen")
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("no listen= address in {line:?}"))
-}
-
-/// The value of ` key=` in a log line.
-fn field(line: &str, key: &str) -> Option<String> {
-    let at = line.find(&format!(" {key}="))? + key.len() + 2;
-    Some(
-        line[at..]
-            .split_whitespace()
-            .next()?
-            .trim_matches('"')
-            .to_owned(),
-    )
 }
 
 /// The XFCC the inbound agent (orders) sets for the outbound agent (web):
@@ -324,35 +283,29 @@ async fn start_grpc_app() -> (GrpcApp, SocketAddr) {
         .add_service(DiscoveryServer::new(app.clone()))
         .add_service(AuditServer::new(app.clone()))
         .prepare();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let requests = app.requests.clone();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let routes = routes.clone();
-            let requests = requests.clone();
-            tokio::spawn(async move {
-                let service = service_fn(move |req: http::Request<Incoming>| {
-                    let xfcc: Vec<_> = req
-                        .headers()
-                        .get_all(XFCC)
-                        .iter()
-                        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
-                        .collect();
-                    requests.lock().unwrap().push(format!(
-                        "{} {}",
-                        req.uri().path(),
-                        xfcc.join(" | ")
-                    ));
-                    let mut routes = routes.clone();
-                    routes.call(req)
-                });
-                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tcp), service)
-                    .await;
-            });
-        }
-    });
+    let state = (routes, app.requests.clone());
+    let addr = serve_app(
+        AppHttp::H2,
+        state,
+        |(mut routes, requests): (Routes, Log), req| {
+            let xfcc: Vec<_> = req
+                .headers()
+                .get_all(XFCC)
+                .iter()
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                .collect();
+            requests
+                .lock()
+                .unwrap()
+                .push(format!("{} {}", req.uri().path(), xfcc.join(" | ")));
+            let answer = routes.call(req);
+            async move {
+                let Ok(resp) = answer.await;
+                resp
+            }
+        },
+    )
+    .await;
     (app, addr)
 }
 
@@ -546,64 +499,46 @@ async fn grpc_bidirectional_streaming_interleaves_through_both_agents_and_traile
 /// frame, echoes each text frame as `echo:<payload>`, and logs
 /// `ws closed` when the client's side ends.
 async fn websocket_app() -> (Log, SocketAddr) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let log = Log::default();
-    let seen = log.clone();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let seen = seen.clone();
-            tokio::spawn(async move {
-                let service = service_fn(move |mut req: http::Request<Incoming>| {
-                    let seen = seen.clone();
-                    async move {
-                        let header = |name: &str| {
-                            req.headers()
-                                .get(name)
-                                .and_then(|v| v.to_str().ok())
-                                .unwrap_or("-")
-                                .to_owned()
-                        };
-                        seen.lock().unwrap().push(format!(
-                            "{} {} upgrade={} {}",
-                            req.method(),
-                            req.uri(),
-                            header("upgrade"),
-                            header(XFCC)
-                        ));
-                        let upgrade = hyper::upgrade::on(&mut req);
-                        let seen = seen.clone();
-                        tokio::spawn(async move {
-                            let Ok(up) = upgrade.await else { return };
-                            let mut io = TokioIo::new(up);
-                            let _ = io.write_all(&ws_frame(b"hello", None)).await;
-                            while let Ok(payload) = read_ws_frame(&mut io).await {
-                                let mut reply = b"echo:".to_vec();
-                                reply.extend_from_slice(&payload);
-                                if io.write_all(&ws_frame(&reply, None)).await.is_err() {
-                                    return;
-                                }
-                            }
-                            seen.lock().unwrap().push("ws closed".into());
-                            let _ = io.shutdown().await;
-                        });
-                        let resp = http::Response::builder()
-                            .status(101)
-                            .header("upgrade", "websocket")
-                            .header("connection", "Upgrade")
-                            .header("sec-websocket-accept", "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
-                            .body(Full::new(Bytes::new()))
-                            .unwrap();
-                        Ok::<_, Infallible>(resp)
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tcp), service)
-                    .with_upgrades()
-                    .await;
-            });
-        }
-    });
+    let addr = serve_app(AppHttp::H1, log.clone(), |seen: Log, mut req| async move {
+        let header = |name: &str| {
+            req.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-")
+                .to_owned()
+        };
+        seen.lock().unwrap().push(format!(
+            "{} {} upgrade={} {}",
+            req.method(),
+            req.uri(),
+            header("upgrade"),
+            header(XFCC)
+        ));
+        let upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            let Ok(up) = upgrade.await else { return };
+            let mut io = TokioIo::new(up);
+            let _ = io.write_all(&ws_frame(b"hello", None)).await;
+            while let Ok(payload) = read_ws_frame(&mut io).await {
+                let mut reply = b"echo:".to_vec();
+                reply.extend_from_slice(&payload);
+                if io.write_all(&ws_frame(&reply, None)).await.is_err() {
+                    return;
+                }
+            }
+            seen.lock().unwrap().push("ws closed".into());
+            let _ = io.shutdown().await;
+        });
+        http::Response::builder()
+            .status(101)
+            .header("upgrade", "websocket")
+            .header("connection", "Upgrade")
+            .header("sec-websocket-accept", "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    })
+    .await;
     (log, addr)
 }
 
@@ -864,7 +799,7 @@ async fn opaque_tcp_flows_both_ways_with_half_close_and_a_denied_identity_is_cut
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
-            field(&refused, "identity").as_deref(),
+            log_field(&refused, "identity").as_deref(),
             Some(WEB),
             "{refused}"
         );
