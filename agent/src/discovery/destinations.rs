@@ -12,8 +12,8 @@ use crate::outbound::{DestinationEntry, DestinationTable, DiscoveredTable};
 
 /// Builds the table of one push; skipped entries are logged and counted.
 pub(crate) fn table_from_wire(wire: &MeshDestinations, trust_domain: &str) -> DiscoveredTable {
-    let mut table = DestinationTable::new();
     let mut skipped = 0;
+    let mut entries = Vec::with_capacity(wire.destinations.len());
     for d in &wire.destinations {
         let entry = match DestinationEntry::from_parts(&d.network, d.port, &d.spiffe_id) {
             Ok(entry) => entry,
@@ -32,12 +32,14 @@ pub(crate) fn table_from_wire(wire: &MeshDestinations, trust_domain: &str) -> Di
             skipped += 1;
             continue;
         }
-        if let Err(e) = table.insert(entry) {
-            tracing::warn!(version = %wire.version, reason = %e,
-                "mesh destination from discovery skipped");
-            skipped += 1;
-        }
+        entries.push(entry);
     }
+    let (table, repeated) = DestinationTable::from_entries(entries);
+    for entry in &repeated {
+        tracing::warn!(version = %wire.version, %entry,
+            "mesh destination from discovery skipped: a second entry for the same destination");
+    }
+    skipped += repeated.len();
     DiscoveredTable {
         version: Some(wire.version.clone()),
         table,
