@@ -166,11 +166,22 @@ struct Running {
     task: tokio::task::JoinHandle<()>,
 }
 
-async fn serve(fake: &Arc<Fake>, ca: &TestCa, server_id: &str, addr: SocketAddr) -> Running {
+/// Server TLS presenting a leaf for `server_id` from `ca`, verifying clients
+/// against `ca`.
+fn server_tls(ca: &TestCa, server_id: &str) -> ServerTlsConfig {
     let (cert, key) = ca.leaf_cert(&common::Leaf::spiffe(server_id));
-    let tls = ServerTlsConfig::new()
+    ServerTlsConfig::new()
         .identity(TlsIdentity::from_pem(cert.pem(), key.serialize_pem()))
-        .client_ca_root(Certificate::from_pem(&ca.pem));
+        .client_ca_root(Certificate::from_pem(&ca.pem))
+}
+
+/// The fake as the operator (`OPERATOR`) on an ephemeral loopback port.
+async fn serve_as_operator(fake: &Arc<Fake>, ca: &TestCa) -> Running {
+    serve(fake, ca, OPERATOR, "127.0.0.1:0".parse().unwrap()).await
+}
+
+async fn serve(fake: &Arc<Fake>, ca: &TestCa, server_id: &str, addr: SocketAddr) -> Running {
+    let tls = server_tls(ca, server_id);
     let incoming = TcpIncoming::bind(addr).expect("bind");
     let addr = incoming.local_addr().expect("local addr");
     let (stop, stopped) = oneshot::channel::<()>();
@@ -313,6 +324,13 @@ impl Agent {
         }
     }
 
+    /// The watcher's metrics, in Prometheus text.
+    fn metrics(&self) -> String {
+        let mut text = String::new();
+        self.status.render_prometheus(&mut text);
+        text
+    }
+
     fn version(&self) -> Option<String> {
         self.policy.current().map(|p| p.engine.version().to_owned())
     }
@@ -364,7 +382,7 @@ async fn expect_subscribe(
 async fn a_good_policy_is_swapped_in_and_acked_with_its_version() {
     let ca = TestCa::new("mesh root");
     let (fake, mut seen) = Fake::new();
-    let server = serve(&fake, &ca, OPERATOR, "127.0.0.1:0".parse().unwrap()).await;
+    let server = serve_as_operator(&fake, &ca).await;
     let agent = Agent::start(&ca, server.addr);
 
     // The agent names itself, with its certificate's identity.
@@ -405,8 +423,7 @@ async fn a_good_policy_is_swapped_in_and_acked_with_its_version() {
     assert_eq!(current.engine.version(), "v2");
     assert_eq!(current.engine.policy().routes.len(), 2);
 
-    let mut metrics = String::new();
-    agent.status.render_prometheus(&mut metrics);
+    let metrics = agent.metrics();
     assert!(
         metrics.contains("palisade_agent_policy_updates_total{result=\"ack\"} 2\n"),
         "{metrics}"
@@ -422,7 +439,7 @@ async fn an_unloadable_policy_is_nacked_and_the_previous_one_stays() {
     let ca = TestCa::new("mesh root");
     let (fake, mut seen) = Fake::new();
     fake.push(policy("v1", &["/orders"]));
-    let server = serve(&fake, &ca, OPERATOR, "127.0.0.1:0".parse().unwrap()).await;
+    let server = serve_as_operator(&fake, &ca).await;
     let agent = Agent::start(&ca, server.addr);
     expect_subscribe(&mut seen).await;
     expect_ack(&mut seen, "v1").await;
@@ -451,8 +468,7 @@ async fn an_unloadable_policy_is_nacked_and_the_previous_one_stays() {
     fake.push(policy("v3", &["/v3"]));
     expect_ack(&mut seen, "v3").await;
     assert_eq!(agent.version().as_deref(), Some("v3"));
-    let mut metrics = String::new();
-    agent.status.render_prometheus(&mut metrics);
+    let metrics = agent.metrics();
     assert!(
         metrics.contains("palisade_agent_policy_updates_total{result=\"nack\"} 1\n"),
         "{metrics}"
@@ -464,7 +480,7 @@ async fn a_restarted_operator_is_reconnected_and_the_policy_stays_meanwhile() {
     let ca = TestCa::new("mesh root");
     let (fake, mut seen) = Fake::new();
     fake.push(policy("v1", &["/orders"]));
-    let server = serve(&fake, &ca, OPERATOR, "127.0.0.1:0".parse().unwrap()).await;
+    let server = serve_as_operator(&fake, &ca).await;
     let addr = server.addr;
     let agent = Agent::start(&ca, addr);
     expect_subscribe(&mut seen).await;
@@ -526,6 +542,15 @@ fn mesh(version: &str, entries: &[(&str, u32, &str)]) -> MeshDestinations {
     }
 }
 
+/// The endpoints a subscription advertised, as (IP, port).
+fn advertised(workload: &WorkloadRef) -> Vec<(&str, u32)> {
+    workload
+        .endpoints
+        .iter()
+        .map(|e| (e.ip.as_str(), e.port))
+        .collect()
+}
+
 fn ip(s: &str) -> std::net::IpAddr {
     s.parse().unwrap()
 }
@@ -534,7 +559,7 @@ fn ip(s: &str) -> std::net::IpAddr {
 async fn the_subscription_advertises_our_mesh_endpoints() {
     let ca = TestCa::new("mesh root");
     let (fake, mut seen) = Fake::new();
-    let server = serve(&fake, &ca, OPERATOR, "127.0.0.1:0".parse().unwrap()).await;
+    let server = serve_as_operator(&fake, &ca).await;
     let endpoints = vec![
         AdvertisedEndpoint {
             ip: ip("10.0.0.5"),
@@ -547,17 +572,13 @@ async fn the_subscription_advertises_our_mesh_endpoints() {
     ];
     let _agent = Agent::start_advertising(&ca, server.addr, endpoints);
     let (workload, _) = expect_subscribe(&mut seen).await;
-    let got: Vec<_> = workload
-        .endpoints
-        .iter()
-        .map(|e| (e.ip.as_str(), e.port))
-        .collect();
+    let got = advertised(&workload);
     // Port 0 on the wire: every port (transparent capture).
     assert_eq!(got, vec![("10.0.0.5", 8443), ("fd00::5", 0)]);
 
     // Nothing to advertise: nothing sent.
     let (fake, mut seen) = Fake::new();
-    let server = serve(&fake, &ca, OPERATOR, "127.0.0.1:0".parse().unwrap()).await;
+    let server = serve_as_operator(&fake, &ca).await;
     let _agent = Agent::start(&ca, server.addr);
     let (workload, _) = expect_subscribe(&mut seen).await;
     assert!(workload.endpoints.is_empty(), "{:?}", workload.endpoints);
@@ -567,7 +588,7 @@ async fn the_subscription_advertises_our_mesh_endpoints() {
 async fn destinations_are_applied_without_an_answer_and_policies_still_acked() {
     let ca = TestCa::new("mesh root");
     let (fake, mut seen) = Fake::new();
-    let server = serve(&fake, &ca, OPERATOR, "127.0.0.1:0".parse().unwrap()).await;
+    let server = serve_as_operator(&fake, &ca).await;
     let agent = Agent::start(&ca, server.addr);
     expect_subscribe(&mut seen).await;
     agent.wait_status("connected", |s| s.connected).await;
@@ -627,7 +648,7 @@ async fn garbage_destinations_are_skipped_and_the_valid_ones_apply() {
             ("10.0.1.0/24", 0, WEB),
         ],
     ));
-    let server = serve(&fake, &ca, OPERATOR, "127.0.0.1:0".parse().unwrap()).await;
+    let server = serve_as_operator(&fake, &ca).await;
     let agent = Agent::start(&ca, server.addr);
     expect_subscribe(&mut seen).await;
     // Both came in one response: the policy is ACKed as usual.
@@ -692,11 +713,7 @@ impl Identity for CertifyAsWeb {
 /// Identity and Discovery on one TLS port, as the operator serves them
 /// (client certificates optional: the first Certify has none).
 async fn serve_operator(fake: &Arc<Fake>, ca: &Arc<TestCa>) -> SocketAddr {
-    let (cert, key) = ca.leaf_cert(&common::Leaf::spiffe(OPERATOR));
-    let tls = ServerTlsConfig::new()
-        .identity(TlsIdentity::from_pem(cert.pem(), key.serialize_pem()))
-        .client_ca_root(Certificate::from_pem(&ca.pem))
-        .client_auth_optional(true);
+    let tls = server_tls(ca, OPERATOR).client_auth_optional(true);
     let incoming = TcpIncoming::bind("127.0.0.1:0".parse().unwrap()).expect("bind");
     let addr = incoming.local_addr().expect("local addr");
     let server = Server::builder()
@@ -712,24 +729,14 @@ async fn serve_operator(fake: &Arc<Fake>, ca: &Arc<TestCa>) -> SocketAddr {
 /// Connects through the outbound proxy; the echo server's first line is the
 /// client identity it saw. `None`: closed without a byte.
 async fn first_line(proxy: SocketAddr) -> Option<String> {
-    use tokio::io::AsyncReadExt;
     let mut app = tokio::net::TcpStream::connect(proxy).await.unwrap();
-    let mut got = Vec::new();
-    let mut buf = [0u8; 256];
-    loop {
-        match tokio::time::timeout(STEP, app.read(&mut buf))
-            .await
-            .expect("the proxy left the app's connection open")
-        {
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                got.extend_from_slice(&buf[..n]);
-                if got.contains(&b'\n') {
-                    break;
-                }
-            }
-        }
-    }
+    let got = common::outbound::read_until(
+        &mut app,
+        STEP,
+        "the proxy left the app's connection open",
+        |got| got.contains(&b'\n'),
+    )
+    .await;
     (!got.is_empty()).then(|| String::from_utf8_lossy(&got).trim().to_owned())
 }
 
@@ -784,12 +791,10 @@ async fn the_sidecar_advertises_its_endpoint_and_pins_from_discovery() {
     // Advertised: the pod address with the inbound listener's real port.
     let (workload, peer) = expect_subscribe(&mut seen).await;
     assert_eq!(peer.as_deref(), Some(WEB));
-    let endpoints: Vec<_> = workload
-        .endpoints
-        .iter()
-        .map(|e| (e.ip.as_str(), e.port))
-        .collect();
-    assert_eq!(endpoints, vec![("10.0.0.5", u32::from(inbound.port()))]);
+    assert_eq!(
+        advertised(&workload),
+        vec![("10.0.0.5", u32::from(inbound.port()))]
+    );
 
     // No flag covers the destination; discovery says orders, and it is.
     agent.wait_for(&["mesh destinations applied", "d1"]).await;

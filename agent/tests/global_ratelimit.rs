@@ -239,6 +239,20 @@ fn start_inside_one_window() -> u64 {
     }
 }
 
+/// The two agents admitted at least the limit, at most `bound`, and less
+/// than a budget each.
+fn assert_admitted_within(bound: u64, total: &Report, elapsed: u64) {
+    assert!(
+        (AMOUNT..=bound).contains(&total.admitted),
+        "admitted {} over {elapsed} ms; expected 30..={bound}",
+        total.admitted
+    );
+    assert!(
+        total.admitted < 2 * AMOUNT,
+        "each agent spent its own budget"
+    );
+}
+
 #[tokio::test]
 async fn two_agents_share_a_fixed_window_limit() {
     let start = start_inside_one_window();
@@ -258,16 +272,7 @@ async fn two_agents_share_a_fixed_window_limit() {
 async fn two_agents_share_a_token_bucket_limit() {
     let (total, elapsed) = two_agents("tokenBucket", unix_now_ms() + 1_500).await;
     // docs/rate-limiting.md: at most C + ⌊A·δ/P⌋ within δ (C = A here).
-    let bound = AMOUNT + AMOUNT * elapsed / PERIOD_MS;
-    assert!(
-        (AMOUNT..=bound).contains(&total.admitted),
-        "admitted {} over {elapsed} ms; expected 30..={bound}",
-        total.admitted
-    );
-    assert!(
-        total.admitted < 2 * AMOUNT,
-        "each agent spent its own budget"
-    );
+    assert_admitted_within(AMOUNT + AMOUNT * elapsed / PERIOD_MS, &total, elapsed);
 }
 
 #[tokio::test]
@@ -276,25 +281,16 @@ async fn two_agents_share_a_sliding_window_limit() {
     assert!(elapsed < PERIOD_MS, "run took {elapsed} ms: inconclusive");
     // docs/rate-limiting.md: at most A + ⌊A·δ/P⌋ within δ < P; a fresh key
     // inside one window admits exactly A.
-    let bound = AMOUNT + AMOUNT * elapsed / PERIOD_MS;
-    assert!(
-        (AMOUNT..=bound).contains(&total.admitted),
-        "admitted {} over {elapsed} ms; expected 30..={bound}",
-        total.admitted
-    );
-    assert!(
-        total.admitted < 2 * AMOUNT,
-        "each agent spent its own budget"
-    );
+    assert_admitted_within(AMOUNT + AMOUNT * elapsed / PERIOD_MS, &total, elapsed);
 }
 
 #[tokio::test]
 async fn redis_stopped_closed_admits_nothing_and_open_admits_everything() {
     let mut redis = RedisServer::start().await;
     let url = redis.url();
-    let up = probe(
-        &url,
-        &[
+    // 30 per 10 s for key `k`, `requests` checks.
+    let args = |requests| {
+        vec![
             "--amount",
             "30",
             "--period",
@@ -302,10 +298,10 @@ async fn redis_stopped_closed_admits_nothing_and_open_admits_everything() {
             "--key",
             "k",
             "--requests",
-            "5",
-        ],
-    )
-    .await;
+            requests,
+        ]
+    };
+    let up = probe(&url, &args("5")).await;
     assert_eq!(
         up,
         Report {
@@ -316,20 +312,10 @@ async fn redis_stopped_closed_admits_nothing_and_open_admits_everything() {
     );
     redis.stop();
 
-    let common = [
-        "--amount",
-        "30",
-        "--period",
-        "10s",
-        "--key",
-        "k",
-        "--requests",
-        "50",
-    ];
     for algorithm in ["fixedWindow", "tokenBucket", "slidingWindow"] {
-        let mut closed = common.to_vec();
+        let mut closed = args("50");
         closed.extend(["--algorithm", algorithm, "--failure-mode", "closed"]);
-        let mut open = common.to_vec();
+        let mut open = args("50");
         open.extend(["--algorithm", algorithm, "--failure-mode", "open"]);
         let (closed, open) = tokio::join!(probe(&url, &closed), probe(&url, &open));
         assert_eq!(

@@ -13,11 +13,15 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::backend::{Http, loopback, serve};
+use common::backend::{Http, loopback};
+use common::inbound::mesh_policy;
+use common::outbound::{
+    SeenHeaders, assert_one_request_from_web_at_orders, read_until, recording_app,
+};
 use common::proc::{Proc, agent_run};
 use common::{AGENT, Leaf, ORDERS, TD, TestCa, WEB, signing_key, trust};
-use http::{HeaderMap, Request, Response};
-use http_body_util::{BodyExt, Empty, Full};
+use http::Request;
+use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use palisade_agent::identity::{CertStore, IssuedCert};
@@ -26,7 +30,6 @@ use palisade_agent::outbound::{
     OutboundMetrics, OutboundOutcome, OutboundProxy, OutboundTarget,
 };
 use palisade_agent::tls::{MeshTrust, MtlsMode};
-use palisade_policy::wire as pb;
 use parking_lot::Mutex;
 use prost::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -138,14 +141,19 @@ async fn proxy_to(
 ) -> (SocketAddr, Arc<OutboundMetrics>) {
     let table = DestinationTable::parse(table.iter().map(String::as_str)).unwrap();
     let config = OutboundConfig::new(trust.clone(), certs, table);
+    spawn_proxy(OutboundTarget::Fixed(dest), config).await
+}
+
+/// Binds an outbound proxy for `target` on loopback and runs it in the
+/// background; its address and metrics.
+async fn spawn_proxy(
+    target: OutboundTarget,
+    config: OutboundConfig,
+) -> (SocketAddr, Arc<OutboundMetrics>) {
     let metrics = config.metrics.clone();
-    let proxy = OutboundProxy::bind(
-        "127.0.0.1:0".parse().unwrap(),
-        OutboundTarget::Fixed(dest),
-        config,
-    )
-    .await
-    .unwrap();
+    let proxy = OutboundProxy::bind("127.0.0.1:0".parse().unwrap(), target, config)
+        .await
+        .unwrap();
     let addr = proxy.local_addr().unwrap();
     tokio::spawn(proxy.run());
     (addr, metrics)
@@ -165,17 +173,32 @@ async fn web_expecting_orders_at(server_id: &str) -> (TlsServer, SocketAddr, Arc
 /// Reads until the proxy closes the app's connection; an error (reset)
 /// counts as closed. Returns what arrived before.
 async fn read_until_closed(app: &mut TcpStream) -> Vec<u8> {
-    let mut got = Vec::new();
-    let mut buf = [0u8; 1024];
-    loop {
-        match tokio::time::timeout(WAIT, app.read(&mut buf))
-            .await
-            .expect("the proxy left the app's connection open")
-        {
-            Ok(0) | Err(_) => return got,
-            Ok(n) => got.extend_from_slice(&buf[..n]),
-        }
-    }
+    read_until(
+        app,
+        WAIT,
+        "the proxy left the app's connection open",
+        |_| false,
+    )
+    .await
+}
+
+/// Connects to `proxy`, sends `msg` and reads until the proxy closes the
+/// connection (see [`read_until_closed`]).
+async fn send_and_drain(proxy: SocketAddr, msg: &[u8]) -> Vec<u8> {
+    let mut app = TcpStream::connect(proxy).await.unwrap();
+    app.write_all(msg).await.unwrap();
+    read_until_closed(&mut app).await
+}
+
+/// Sends `msg` on `app` and reads back as many bytes (the echo).
+async fn echoed(app: &mut TcpStream, msg: &[u8]) -> Vec<u8> {
+    app.write_all(msg).await.unwrap();
+    let mut echo = vec![0u8; msg.len()];
+    tokio::time::timeout(WAIT, app.read_exact(&mut echo))
+        .await
+        .unwrap()
+        .unwrap();
+    echo
 }
 
 #[tokio::test]
@@ -183,13 +206,7 @@ async fn bytes_flow_to_the_expected_identity_with_our_certificate_and_half_close
     let (mut server, proxy, metrics) = web_expecting_orders_at(ORDERS).await;
 
     let mut app = TcpStream::connect(proxy).await.unwrap();
-    app.write_all(b"ping").await.unwrap();
-    let mut echo = [0u8; 4];
-    tokio::time::timeout(WAIT, app.read_exact(&mut echo))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(&echo, b"ping");
+    assert_eq!(echoed(&mut app, b"ping").await, b"ping");
     let hs = server.next_handshake().await.unwrap();
     assert_eq!(hs.peer.as_deref(), Some(WEB), "the server saw our identity");
     // "ping" is no request line: opaque TCP, no ALPN.
@@ -209,11 +226,7 @@ async fn a_server_with_the_wrong_spiffe_id_gets_nothing_and_the_app_is_closed() 
     // A valid mesh certificate, but for payments, not orders.
     let (mut server, proxy, metrics) = web_expecting_orders_at(PAYMENTS).await;
 
-    let mut app = TcpStream::connect(proxy).await.unwrap();
-    app.write_all(b"GET /secret HTTP/1.1\r\nhost: orders\r\n\r\n")
-        .await
-        .unwrap();
-    let got = read_until_closed(&mut app).await;
+    let got = send_and_drain(proxy, b"GET /secret HTTP/1.1\r\nhost: orders\r\n\r\n").await;
     assert!(got.is_empty(), "the app got {got:?}");
     let hs = server.next_handshake().await;
     assert!(hs.is_err(), "the server completed a handshake: {hs:?}");
@@ -237,9 +250,7 @@ async fn a_server_from_another_ca_is_refused() {
     let entry = format!("{}={ORDERS}", server.addr);
     let (proxy, metrics) = proxy_to(server.addr, &[entry], &trust, ca.store(WEB)).await;
 
-    let mut app = TcpStream::connect(proxy).await.unwrap();
-    app.write_all(b"hello").await.unwrap();
-    assert!(read_until_closed(&mut app).await.is_empty());
+    assert!(send_and_drain(proxy, b"hello").await.is_empty());
     assert!(server.next_handshake().await.is_err());
     assert!(server.received().is_empty());
     assert_eq!(metrics.connections(OutboundOutcome::HandshakeFailed), 1);
@@ -250,18 +261,13 @@ async fn unpinned_destinations_still_require_our_trust_domain() {
     let ca = TestCa::new("mesh root");
     let trust = trust(&[&ca]);
     // Signed by our CA, but a SPIFFE ID of another trust domain.
-    let (chain, key) = ca.leaf(&Leaf::spiffe("spiffe://evil.example/ns/shop/sa/orders"));
-    let resolver = Arc::new(rustls::sign::SingleCertAndKey::from(
-        rustls::sign::CertifiedKey::new(chain, signing_key(&key)),
-    ));
+    let resolver = ca.resolver(&Leaf::spiffe("spiffe://evil.example/ns/shop/sa/orders"));
     let config = trust.server_config(resolver, MtlsMode::Permissive).unwrap();
     let mut server = TlsServer::start_with(config, trust.clone()).await;
     // No table entry: explicit mode accepts any identity *of the trust domain*.
     let (proxy, metrics) = proxy_to(server.addr, &[], &trust, ca.store(WEB)).await;
 
-    let mut app = TcpStream::connect(proxy).await.unwrap();
-    app.write_all(b"hello").await.unwrap();
-    assert!(read_until_closed(&mut app).await.is_empty());
+    assert!(send_and_drain(proxy, b"hello").await.is_empty());
     assert!(server.next_handshake().await.is_err());
     assert_eq!(metrics.connections(OutboundOutcome::HandshakeFailed), 1);
 
@@ -269,10 +275,7 @@ async fn unpinned_destinations_still_require_our_trust_domain() {
     let mut good = TlsServer::start(&ca, PAYMENTS, &trust).await;
     let (proxy, metrics) = proxy_to(good.addr, &[], &trust, ca.store(WEB)).await;
     let mut app = TcpStream::connect(proxy).await.unwrap();
-    app.write_all(b"hello").await.unwrap();
-    let mut buf = [0u8; 5];
-    app.read_exact(&mut buf).await.unwrap();
-    assert_eq!(&buf, b"hello");
+    assert_eq!(echoed(&mut app, b"hello").await, b"hello");
     assert_eq!(
         good.next_handshake().await.unwrap().peer.as_deref(),
         Some(WEB)
@@ -304,11 +307,7 @@ async fn a_plaintext_server_at_a_meshed_destination_is_never_sent_plaintext() {
     let entry = format!("{addr}={ORDERS}");
     let (proxy, metrics) = proxy_to(addr, &[entry], &trust, ca.store(WEB)).await;
 
-    let mut app = TcpStream::connect(proxy).await.unwrap();
-    app.write_all(b"GET /secret HTTP/1.1\r\nhost: orders\r\n\r\n")
-        .await
-        .unwrap();
-    let got = read_until_closed(&mut app).await;
+    let got = send_and_drain(proxy, b"GET /secret HTTP/1.1\r\nhost: orders\r\n\r\n").await;
     assert!(
         got.is_empty(),
         "the app got {:?}",
@@ -337,12 +336,7 @@ async fn alpn_follows_the_apps_first_bytes_which_arrive_untouched() {
     ];
     for (first, alpn) in cases {
         let mut app = TcpStream::connect(proxy).await.unwrap();
-        app.write_all(first).await.unwrap();
-        let mut echo = vec![0u8; first.len()];
-        tokio::time::timeout(WAIT, app.read_exact(&mut echo))
-            .await
-            .unwrap()
-            .unwrap();
+        let echo = echoed(&mut app, first).await;
         assert_eq!(echo, first, "the bytes were changed or consumed");
         let hs = server.next_handshake().await.unwrap();
         assert_eq!(
@@ -359,10 +353,7 @@ async fn alpn_follows_the_apps_first_bytes_which_arrive_untouched() {
     let mut app = TcpStream::connect(proxy).await.unwrap();
     let hs = server.next_handshake().await.unwrap();
     assert_eq!(hs.alpn, None);
-    app.write_all(b"late").await.unwrap();
-    let mut echo = [0u8; 4];
-    app.read_exact(&mut echo).await.unwrap();
-    assert_eq!(&echo, b"late");
+    assert_eq!(echoed(&mut app, b"late").await, b"late");
     assert_eq!(metrics.connections(OutboundOutcome::Mtls), 4);
 }
 
@@ -410,9 +401,11 @@ async fn an_unreachable_destination_closes_the_app_connection() {
         .local_addr()
         .unwrap();
     let (proxy, metrics) = proxy_to(dead, &[format!("{dead}=*")], &trust, ca.store(WEB)).await;
-    let mut app = TcpStream::connect(proxy).await.unwrap();
-    app.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
-    assert!(read_until_closed(&mut app).await.is_empty());
+    assert!(
+        send_and_drain(proxy, b"GET / HTTP/1.1\r\n\r\n")
+            .await
+            .is_empty()
+    );
     assert_eq!(metrics.connections(OutboundOutcome::ConnectFailed), 1);
 }
 
@@ -427,19 +420,12 @@ async fn a_connection_to_the_transparent_listener_itself_is_refused() {
         ca.store(WEB),
         DestinationTable::parse(["0.0.0.0/0=*"]).unwrap(),
     );
-    let metrics = config.metrics.clone();
-    let proxy = OutboundProxy::bind(
-        "127.0.0.1:0".parse().unwrap(),
-        OutboundTarget::OriginalDst,
-        config,
-    )
-    .await
-    .unwrap();
-    let addr = proxy.local_addr().unwrap();
-    tokio::spawn(proxy.run());
-    let mut app = TcpStream::connect(addr).await.unwrap();
-    app.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
-    assert!(read_until_closed(&mut app).await.is_empty());
+    let (addr, metrics) = spawn_proxy(OutboundTarget::OriginalDst, config).await;
+    assert!(
+        send_and_drain(addr, b"GET / HTTP/1.1\r\n\r\n")
+            .await
+            .is_empty()
+    );
     assert_eq!(metrics.connections(OutboundOutcome::Denied), 1);
     assert_eq!(metrics.connections(OutboundOutcome::Mtls), 0);
 }
@@ -488,17 +474,7 @@ async fn proxy_with_discovery(
     let table = DestinationTable::parse(flags.iter().map(String::as_str)).unwrap();
     let config =
         OutboundConfig::new(trust.clone(), certs, table).with_discovered(discovered.clone());
-    let metrics = config.metrics.clone();
-    let proxy = OutboundProxy::bind(
-        "127.0.0.1:0".parse().unwrap(),
-        OutboundTarget::Fixed(dest),
-        config,
-    )
-    .await
-    .unwrap();
-    let addr = proxy.local_addr().unwrap();
-    tokio::spawn(proxy.run());
-    (addr, metrics)
+    spawn_proxy(OutboundTarget::Fixed(dest), config).await
 }
 
 /// Sends `msg` through the proxy and returns what came back before close.
@@ -616,31 +592,15 @@ fn write_pki(dir: &Path, ca: &TestCa, ids: &[(&str, &str)]) {
 
 /// Mesh default: every authenticated peer is allowed, strict mTLS.
 fn write_policy(path: &Path) {
-    let policy = pb::WorkloadPolicy {
-        version: "v1".into(),
-        workload: "shop/orders".into(),
-        trust_domain: TD.into(),
-        default_action: pb::DefaultAction::AllAuthenticated as i32,
-        default_mtls: pb::MtlsMode::Strict as i32,
-        ..Default::default()
-    };
-    std::fs::write(path, policy.encode_to_vec()).unwrap();
+    std::fs::write(path, mesh_policy(Vec::new()).encode_to_vec()).unwrap();
 }
 
 /// An HTTP/1.1 + h2c app recording the headers of every request, answering "app".
-async fn recording_backend() -> (SocketAddr, Arc<Mutex<Vec<HeaderMap>>>) {
-    let seen = Arc::new(Mutex::new(Vec::new()));
+async fn recording_backend() -> (SocketAddr, SeenHeaders) {
     // HTTP/1.1 and h2c: the inbound agent keeps HTTP/2 as HTTP/2.
-    let addr = serve(
-        loopback().await,
-        Http::Auto,
-        seen.clone(),
-        |record: Arc<Mutex<Vec<HeaderMap>>>, req| {
-            record.lock().push(req.headers().clone());
-            async { Response::new(Full::new(Bytes::from_static(b"app"))) }
-        },
-    );
-    (addr, seen)
+    let listener = loopback().await;
+    let addr = listener.local_addr().unwrap();
+    (addr, recording_app(listener, Http::Auto, b"app"))
 }
 
 /// One plaintext HTTP/1.1 GET, as the app would send it; `Err` when the
@@ -683,6 +643,19 @@ async fn start(name: &str, cmd: Command, proxy: &str) -> (Proc, SocketAddr) {
     (agent, addr)
 }
 
+/// An outbound agent for web as `name`, listening on loopback for `dest`,
+/// with the `--mesh-destination` entry `mesh`.
+async fn start_outbound(
+    name: &str,
+    dir: &Path,
+    dest: SocketAddr,
+    mesh: &str,
+) -> (Proc, SocketAddr) {
+    let outbound_arg = format!("127.0.0.1:0={dest}");
+    let args = ["--outbound", &outbound_arg, "--mesh-destination", mesh];
+    start(name, agent_run(dir, "web", &args), "outbound").await
+}
+
 #[tokio::test]
 async fn explicit_mode_end_to_end_through_both_agents() {
     let dir = tempfile::tempdir().unwrap();
@@ -710,31 +683,13 @@ async fn explicit_mode_end_to_end_through_both_agents() {
     .await;
 
     // The client's agent expects orders at the inbound agent.
-    let outbound_arg = format!("127.0.0.1:0={inbound_addr}");
     let mesh = format!("{inbound_addr}={ORDERS}");
-    let (_outbound, outbound_addr) = start(
-        "outbound agent",
-        agent_run(
-            dir.path(),
-            "web",
-            &["--outbound", &outbound_arg, "--mesh-destination", &mesh],
-        ),
-        "outbound",
-    )
-    .await;
+    let (_outbound, outbound_addr) =
+        start_outbound("outbound agent", dir.path(), inbound_addr, &mesh).await;
 
     let (status, body) = http_get(outbound_addr, "/orders/1").await.unwrap();
     assert_eq!((status, body.as_str()), (200, "app"));
-    let headers = seen.lock().clone();
-    assert_eq!(headers.len(), 1);
-    let xfcc = headers[0]
-        .get("x-forwarded-client-cert")
-        .expect("no XFCC: the request did not cross mTLS")
-        .to_str()
-        .unwrap()
-        .to_owned();
-    assert!(xfcc.starts_with(&format!("By={ORDERS};")), "{xfcc}");
-    assert!(xfcc.ends_with(&format!(";URI={WEB}")), "{xfcc}");
+    assert_one_request_from_web_at_orders(&seen, "no XFCC: the request did not cross mTLS");
 
     // HTTP/2 with prior knowledge (as gRPC clients speak it) crosses too.
     let tcp = TcpStream::connect(outbound_addr).await.unwrap();
@@ -761,16 +716,8 @@ async fn explicit_mode_end_to_end_through_both_agents() {
 
     // An agent expecting someone else at the same address refuses to talk.
     let wrong = format!("{inbound_addr}={PAYMENTS}");
-    let (mut mistaken, mistaken_addr) = start(
-        "mistaken outbound agent",
-        agent_run(
-            dir.path(),
-            "web",
-            &["--outbound", &outbound_arg, "--mesh-destination", &wrong],
-        ),
-        "outbound",
-    )
-    .await;
+    let (mut mistaken, mistaken_addr) =
+        start_outbound("mistaken outbound agent", dir.path(), inbound_addr, &wrong).await;
     let refused = http_get(mistaken_addr, "/orders/2").await;
     assert!(refused.is_err(), "{refused:?}");
     assert_eq!(seen.lock().len(), 2, "the refused request reached the app");
@@ -778,6 +725,21 @@ async fn explicit_mode_end_to_end_through_both_agents() {
         .wait_for_field("mTLS handshake failed", "expected")
         .await;
     assert_eq!(logged, PAYMENTS);
+}
+
+/// `palisade-agent run` with a trust bundle that does not exist.
+fn run_with_missing_files() -> Command {
+    let mut cmd = Command::new(AGENT);
+    cmd.args([
+        "run",
+        "--trust-bundle",
+        "/nonexistent",
+        "--cert",
+        "c",
+        "--key",
+        "k",
+    ]);
+    cmd
 }
 
 #[test]
@@ -809,17 +771,8 @@ fn run_help_describes_the_outbound_and_transparent_flags() {
     // An advertise address nobody can reach is refused by name; an empty
     // POD_IP is no address at all (and gets as far as the trust bundle).
     let advertise = |value: &str, env: &str| {
-        Command::new(AGENT)
+        run_with_missing_files()
             .env("POD_IP", env)
-            .args([
-                "run",
-                "--trust-bundle",
-                "/nonexistent",
-                "--cert",
-                "c",
-                "--key",
-                "k",
-            ])
             .args(["--admin", "", "--outbound", "127.0.0.1:1=127.0.0.1:2"])
             .args(if value.is_empty() {
                 vec![]
@@ -845,18 +798,7 @@ fn run_help_describes_the_outbound_and_transparent_flags() {
         "{err}"
     );
     // Without any of --inbound / --transparent / --outbound: a usage error.
-    let out = Command::new(AGENT)
-        .args([
-            "run",
-            "--trust-bundle",
-            "/nonexistent",
-            "--cert",
-            "c",
-            "--key",
-            "k",
-        ])
-        .output()
-        .unwrap();
+    let out = run_with_missing_files().output().unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -864,16 +806,7 @@ fn run_help_describes_the_outbound_and_transparent_flags() {
         "{err}"
     );
     // A bad table entry is refused by name.
-    let out = Command::new(AGENT)
-        .args([
-            "run",
-            "--trust-bundle",
-            "/nonexistent",
-            "--cert",
-            "c",
-            "--key",
-            "k",
-        ])
+    let out = run_with_missing_files()
         .args([
             "--outbound",
             "127.0.0.1:1=127.0.0.1:2",

@@ -29,14 +29,14 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::backend::{Http, serve};
+use common::backend::Http;
+use common::inbound::mesh_policy;
 use common::netns::{Netns, run};
+use common::outbound::{
+    SeenHeaders, assert_one_request_from_web_at_orders, read_until, recording_app,
+};
 use common::proc::{Proc, agent_run};
-use common::{Leaf, ORDERS, TD, TestCa, WEB};
-use http::{HeaderMap, Response};
-use http_body_util::Full;
-use hyper::body::Bytes;
-use palisade_policy::wire as pb;
+use common::{Leaf, ORDERS, TestCa, WEB};
 use parking_lot::Mutex;
 use prost::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -147,15 +147,7 @@ fn write_files(dir: &Path, ca: &TestCa) {
         files.push((format!("{name}.key"), key.serialize_pem().into_bytes()));
     }
     // Mesh default: any authenticated peer, strict mTLS.
-    let policy = pb::WorkloadPolicy {
-        version: "v1".into(),
-        workload: "shop/orders".into(),
-        trust_domain: TD.into(),
-        default_action: pb::DefaultAction::AllAuthenticated as i32,
-        default_mtls: pb::MtlsMode::Strict as i32,
-        ..Default::default()
-    };
-    files.push(("b.pb".to_owned(), policy.encode_to_vec()));
+    files.push(("b.pb".to_owned(), mesh_policy(Vec::new()).encode_to_vec()));
     for (name, bytes) in files {
         let path = dir.join(name);
         std::fs::write(&path, bytes).unwrap();
@@ -164,18 +156,8 @@ fn write_files(dir: &Path, ca: &TestCa) {
 }
 
 /// B's app: HTTP/1.1, records each request's headers, answers "pod-b-app".
-fn serve_app(listener: TcpListener) -> Arc<Mutex<Vec<HeaderMap>>> {
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    serve(
-        listener,
-        Http::H1,
-        seen.clone(),
-        |record: Arc<Mutex<Vec<HeaderMap>>>, req| {
-            record.lock().push(req.headers().clone());
-            async { Response::new(Full::new(Bytes::from_static(b"pod-b-app"))) }
-        },
-    );
-    seen
+fn serve_app(listener: TcpListener) -> SeenHeaders {
+    recording_app(listener, Http::H1, b"pod-b-app")
 }
 
 /// B's unmeshed service: answers `plain:` + the first bytes it receives and
@@ -208,17 +190,7 @@ async fn exchange(socket: TcpSocket, addr: SocketAddr, request: &[u8]) -> Option
     if tcp.write_all(request).await.is_err() {
         return Some(Vec::new());
     }
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        match tokio::time::timeout(WAIT, tcp.read(&mut buf))
-            .await
-            .expect("the connection was left open")
-        {
-            Ok(0) | Err(_) => return Some(got),
-            Ok(n) => got.extend_from_slice(&buf[..n]),
-        }
-    }
+    Some(read_until(&mut tcp, WAIT, "the connection was left open", |_| false).await)
 }
 
 fn get(host: &str) -> Vec<u8> {
@@ -273,16 +245,10 @@ async fn transparent_mode_between_two_pods() {
         agent_b.transcript()
     );
     assert!(answer.ends_with("pod-b-app"), "{answer}");
-    let headers = seen.lock().clone();
-    assert_eq!(headers.len(), 1);
-    let xfcc = headers[0]
-        .get("x-forwarded-client-cert")
-        .expect("B's app got no XFCC: the request did not cross mTLS")
-        .to_str()
-        .unwrap()
-        .to_owned();
-    assert!(xfcc.starts_with(&format!("By={ORDERS};")), "{xfcc}");
-    assert!(xfcc.ends_with(&format!(";URI={WEB}")), "{xfcc}");
+    assert_one_request_from_web_at_orders(
+        &seen,
+        "B's app got no XFCC: the request did not cross mTLS",
+    );
     // A's agent tunnelled it (HTTP/1.1 detected), not passed it through.
     agent_a
         .wait_for(&["mTLS tunnel established", &app_addr.to_string(), "http/1.1"])

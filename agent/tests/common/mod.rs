@@ -6,6 +6,7 @@ pub mod backend;
 pub mod inbound;
 pub mod netns;
 pub mod operator;
+pub mod outbound;
 pub mod proc;
 pub mod tls;
 
