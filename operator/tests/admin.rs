@@ -5,7 +5,6 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::time::Instant;
 
 use common::watch::*;
 use common::*;
@@ -86,18 +85,15 @@ fn sample(metrics: &str, name: &str) -> Option<u64> {
 /// Polls `/metrics` until `name` reads `want` (metrics lag the RPCs that
 /// move them by a few scheduler ticks at most).
 async fn wait_for_sample(addr: SocketAddr, name: &str, want: u64) -> String {
-    let deadline = Instant::now() + STEP;
-    loop {
+    poll(async || {
         let (_, _, metrics) = get(addr, "/metrics").await;
         if sample(&metrics, name) == Some(want) {
-            return metrics;
+            Ok(metrics)
+        } else {
+            Err(format!("{name} never became {want}:\n{metrics}"))
         }
-        assert!(
-            Instant::now() < deadline,
-            "{name} never became {want}:\n{metrics}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    })
+    .await
 }
 
 #[tokio::test]
@@ -209,9 +205,7 @@ async fn an_empty_admin_flag_disables_the_port() {
     let op = spawn_operator(&tmp.path().join("state"), &tokens, &["--admin", ""]);
     assert_eq!(op.admin, None, "{}", op.log());
     // Still serves gRPC.
-    let mut client = op.client().await;
-    let (_, csr_pem) = csr(vec![]);
-    certify(&mut client, TOKEN_ORDERS, &csr_pem, 0)
+    certify_fresh(&mut op.client().await, TOKEN_ORDERS)
         .await
         .unwrap();
 }

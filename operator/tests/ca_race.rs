@@ -26,8 +26,7 @@ async fn two_operators_started_together_share_one_ca() {
     for op in [&a, &b] {
         // Each operator's TLS certificate chains to the one bundle on disk...
         let mut client = client(op.addr, &bundle).await;
-        let (_k, csr_pem) = csr(vec![]);
-        responses.push(certify(&mut client, TOKEN, &csr_pem, 0).await.unwrap());
+        responses.push(certify_fresh(&mut client, TOKEN).await.unwrap());
     }
     // ...and so does every workload certificate, from either of them.
     for resp in &responses {

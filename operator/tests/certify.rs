@@ -190,14 +190,12 @@ async fn leaf_profile_lifetime_serials_and_chain() {
 
     // Every issuance is logged with identity and serial, never the token.
     let serial = hex_serial(&leaf);
-    wait_for_log(&op, &serial).await;
-    let log = op.log();
-    let line = log.lines().find(|l| l.contains(&serial)).unwrap();
+    let line = wait_for_log(&op, &serial).await;
     assert!(
         line.contains("certificate issued") && line.contains(ID_A),
         "{line}"
     );
-    assert!(!log.contains(TOKEN_A));
+    assert!(!op.log().contains(TOKEN_A));
 }
 
 fn hex_serial(cert: &X509Certificate<'_>) -> String {
@@ -205,16 +203,6 @@ fn hex_serial(cert: &X509Certificate<'_>) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
-}
-
-async fn wait_for_log(op: &Operator, needle: &str) {
-    for _ in 0..100 {
-        if op.log().contains(needle) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{needle} not logged:\n{}", op.log());
 }
 
 #[tokio::test]
@@ -236,9 +224,9 @@ async fn the_operator_serves_tls_with_its_own_spiffe_identity() {
         ]
     );
     // Workload identities use the configured trust domain too.
-    let mut client = op.client().await;
-    let (_k, csr_pem) = csr(vec![]);
-    let resp = certify(&mut client, TOKEN_A, &csr_pem, 0).await.unwrap();
+    let resp = certify_fresh(&mut op.client().await, TOKEN_A)
+        .await
+        .unwrap();
     assert_eq!(resp.spiffe_id, "spiffe://prod.example/ns/shop/sa/orders");
 }
 
@@ -304,8 +292,7 @@ async fn intermediate_from_the_users_root() {
     // The client trusts only the user's root: the operator's own serving
     // chain must include the intermediate for this to connect.
     let mut client = client(op.addr, &pki.root_pem).await;
-    let (_k, csr_pem) = csr(vec![]);
-    let resp = certify(&mut client, TOKEN_A, &csr_pem, 0).await.unwrap();
+    let resp = certify_fresh(&mut client, TOKEN_A).await.unwrap();
     let chain = chain_der(&resp);
     assert_eq!(chain.len(), 2, "leaf, intermediate");
     assert_eq!(chain[1], der(&pki.intermediate_pem));
@@ -338,9 +325,9 @@ async fn root_rotation_serves_the_whole_bundle() {
     write_ca_files(&state, &old_root, &old_key, None, &bundle);
     let resp = {
         let op = spawn_operator(&state, &tokens, &[]);
-        let mut client = op.client().await;
-        let (_k, csr_pem) = csr(vec![]);
-        certify(&mut client, TOKEN_A, &csr_pem, 0).await.unwrap()
+        certify_fresh(&mut op.client().await, TOKEN_A)
+            .await
+            .unwrap()
     };
     assert_eq!(resp.trust_bundle_pem.len(), 2);
     assert_eq!(bundle_der(&resp), vec![der(&old_root), der(&new_root_pem)]);
@@ -356,9 +343,9 @@ async fn root_rotation_serves_the_whole_bundle() {
         &bundle,
     );
     let op = spawn_operator(&state, &tokens, &[]);
-    let mut client = op.client().await;
-    let (_k, csr_pem) = csr(vec![]);
-    let resp = certify(&mut client, TOKEN_A, &csr_pem, 0).await.unwrap();
+    let resp = certify_fresh(&mut op.client().await, TOKEN_A)
+        .await
+        .unwrap();
     assert_eq!(bundle_der(&resp), vec![der(&old_root), der(&new_root_pem)]);
     let new_leaf = chain_der(&resp);
     verify(&new_leaf, &bundle_der(&resp)).unwrap();
@@ -393,15 +380,7 @@ fn mismatched_ca_files_stop_the_operator_with_a_reason() {
     for (i, (issuer, key, bundle, expect)) in cases.into_iter().enumerate() {
         let state = tmp.path().join(format!("state{i}"));
         write_ca_files(&state, issuer, key, None, bundle);
-        let out = std::process::Command::new(BIN)
-            .args(["serve", "--listen", "127.0.0.1:0", "--state-dir"])
-            .arg(&state)
-            .arg("--tokens")
-            .arg(&tokens)
-            .output()
-            .unwrap();
-        assert!(!out.status.success());
-        let stderr = String::from_utf8_lossy(&out.stderr);
+        let stderr = serve_must_fail(&state, &tokens, &[]);
         assert!(stderr.contains(expect), "{stderr}");
     }
 }

@@ -5,15 +5,14 @@
 mod common;
 
 use std::path::Path;
-use std::time::{Duration, Instant};
 
 use common::watch::*;
 use common::*;
 use palisade_proto::discovery::v1::watch_request::Kind;
-use palisade_proto::discovery::v1::{Ack, MeshDestinations, Nack};
+use palisade_proto::discovery::v1::{MeshDestinations, Nack};
 use palisade_proto::policy::v1::{DefaultAction, WorkloadPolicy, path_match};
-use tonic::Code;
-use tonic::transport::Identity;
+use tonic::transport::Channel;
+use tonic::{Code, Status};
 
 const TOKEN_ORDERS: &str = "tok-orders-5e1f0c9a7b3d2e48";
 const TOKEN_PAYMENTS: &str = "tok-payments-0b7c4d1e9f2a3c65";
@@ -72,9 +71,28 @@ fn start(with_source: bool, files: &[(&str, &str)]) -> Setup {
     }
 }
 
-/// A certificate for the orders workload via Certify, as PEM chain and key.
-async fn orders_identity(op: &Operator) -> Identity {
-    identity_for(op, TOKEN_ORDERS, ID_ORDERS).await
+/// The operator serving `orders.yaml` for the orders workload.
+fn start_with_orders() -> Setup {
+    start(true, &[("orders.yaml", &policy_yaml("orders", "/orders"))])
+}
+
+/// A channel with the orders workload's certificate (from Certify).
+async fn orders_channel(op: &Operator) -> Channel {
+    channel(op, Some(identity_for(op, TOKEN_ORDERS, ID_ORDERS).await)).await
+}
+
+/// A channel with the payments workload's certificate (from Certify).
+async fn payments_channel(op: &Operator) -> Channel {
+    channel(
+        op,
+        Some(identity_for(op, TOKEN_PAYMENTS, ID_PAYMENTS).await),
+    )
+    .await
+}
+
+/// A Watch with orders' certificate, subscribing as a pod labelled `app`.
+async fn watch_orders(op: &Operator, app: &str) -> Result<Watch, Status> {
+    Watch::open(orders_channel(op).await, workload(ID_ORDERS, app)).await
 }
 
 /// Prefixes of the routes, in order.
@@ -88,34 +106,6 @@ fn prefixes(p: &WorkloadPolicy) -> Vec<String> {
         .collect()
 }
 
-/// Waits until `needle` appears on at least `n` lines.
-async fn wait_for_count(op: &Operator, needle: &str, n: usize) {
-    let deadline = Instant::now() + STEP;
-    loop {
-        let log = op.log();
-        if log.lines().filter(|l| l.contains(needle)).count() >= n {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{needle:?} not logged {n} times:\n{log}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn wait_for_log(op: &Operator, needle: &str) -> String {
-    let deadline = Instant::now() + STEP;
-    loop {
-        let log = op.log();
-        if let Some(line) = log.lines().find(|l| l.contains(needle)) {
-            return line.to_owned();
-        }
-        assert!(Instant::now() < deadline, "{needle:?} not logged:\n{log}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 fn write(dir: &Path, name: &str, text: &str) {
     // Write-then-rename, like editors and ConfigMap updates: the poller
     // never sees half a file.
@@ -126,14 +116,8 @@ fn write(dir: &Path, name: &str, text: &str) {
 
 #[tokio::test]
 async fn pushes_on_change_keeps_last_good_on_a_broken_edit_and_records_nacks() {
-    let s = start(true, &[("orders.yaml", &policy_yaml("orders", "/orders"))]);
-    let identity = orders_identity(&s.op).await;
-    let mut watch = Watch::open(
-        channel(&s.op, Some(identity)).await,
-        workload(ID_ORDERS, "orders"),
-    )
-    .await
-    .expect("watch accepted");
+    let s = start_with_orders();
+    let mut watch = watch_orders(&s.op, "orders").await.expect("watch accepted");
 
     // The first version reflects the YAML.
     let v1 = watch.next().await;
@@ -143,11 +127,7 @@ async fn pushes_on_change_keeps_last_good_on_a_broken_edit_and_records_nacks() {
     assert_eq!(v1.routes[0].methods, vec!["GET"]);
     assert_eq!(v1.routes[0].allow[0].namespaces, vec!["web"]);
     assert!(!v1.version.is_empty());
-    watch
-        .send(Kind::Ack(Ack {
-            version: v1.version.clone(),
-        }))
-        .await;
+    watch.ack(&v1.version).await;
     wait_for_log(&s.op, "agent enforces policy version (ACK)").await;
 
     // An edit is pushed as a new version.
@@ -196,14 +176,8 @@ async fn pushes_on_change_keeps_last_good_on_a_broken_edit_and_records_nacks() {
 
 #[tokio::test]
 async fn unchanged_content_pushes_nothing_new() {
-    let s = start(true, &[("orders.yaml", &policy_yaml("orders", "/orders"))]);
-    let identity = orders_identity(&s.op).await;
-    let mut watch = Watch::open(
-        channel(&s.op, Some(identity)).await,
-        workload(ID_ORDERS, "orders"),
-    )
-    .await
-    .unwrap();
+    let s = start_with_orders();
+    let mut watch = watch_orders(&s.op, "orders").await.unwrap();
     let v1 = watch.next().await;
     // A comment and a policy for another workload: nothing this workload
     // enforces changes.
@@ -222,14 +196,8 @@ async fn unchanged_content_pushes_nothing_new() {
 
 #[tokio::test]
 async fn a_workload_no_policy_selects_gets_the_mesh_default() {
-    let s = start(true, &[("orders.yaml", &policy_yaml("orders", "/orders"))]);
-    let identity = orders_identity(&s.op).await;
-    let mut watch = Watch::open(
-        channel(&s.op, Some(identity)).await,
-        workload(ID_ORDERS, "not-orders"),
-    )
-    .await
-    .unwrap();
+    let s = start_with_orders();
+    let mut watch = watch_orders(&s.op, "not-orders").await.unwrap();
     let p = watch.next().await;
     assert!(p.routes.is_empty(), "{p:?}");
     assert!(p.sources.is_empty(), "{p:?}");
@@ -239,7 +207,7 @@ async fn a_workload_no_policy_selects_gets_the_mesh_default() {
 
 #[tokio::test]
 async fn watch_requires_a_client_certificate_for_the_named_workload() {
-    let s = start(true, &[("orders.yaml", &policy_yaml("orders", "/orders"))]);
+    let s = start_with_orders();
 
     // No client certificate at all.
     let err = Watch::open(channel(&s.op, None).await, workload(ID_ORDERS, "orders"))
@@ -248,8 +216,7 @@ async fn watch_requires_a_client_certificate_for_the_named_workload() {
         .expect("refused without a client certificate");
     assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
 
-    let identity = orders_identity(&s.op).await;
-    let ch = channel(&s.op, Some(identity)).await;
+    let ch = orders_channel(&s.op).await;
     // orders' certificate, asking for payments' policy.
     let err = Watch::open(ch.clone(), workload(ID_PAYMENTS, "orders"))
         .await
@@ -284,14 +251,10 @@ async fn watch_requires_a_client_certificate_for_the_named_workload() {
 #[tokio::test]
 async fn without_a_source_watch_is_refused_and_certify_still_works() {
     let s = start(false, &[]);
-    let identity = orders_identity(&s.op).await;
-    let err = Watch::open(
-        channel(&s.op, Some(identity)).await,
-        workload(ID_ORDERS, "orders"),
-    )
-    .await
-    .err()
-    .expect("no source, no watch");
+    let err = watch_orders(&s.op, "orders")
+        .await
+        .err()
+        .expect("no source, no watch");
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     assert!(err.message().contains("--source"), "{err:?}");
 }
@@ -308,13 +271,7 @@ async fn a_file_broken_at_start_up_is_logged_and_the_others_are_served() {
     );
     let line = wait_for_log(&s.op, "policy file rejected").await;
     assert!(line.contains("bad.yaml"), "{line}");
-    let identity = orders_identity(&s.op).await;
-    let mut watch = Watch::open(
-        channel(&s.op, Some(identity)).await,
-        workload(ID_ORDERS, "orders"),
-    )
-    .await
-    .unwrap();
+    let mut watch = watch_orders(&s.op, "orders").await.unwrap();
     assert_eq!(prefixes(&watch.next().await), vec!["/orders"]);
 }
 
@@ -332,13 +289,9 @@ fn entry(network: &str, port: u32, id: &str) -> (String, u32, String) {
 
 #[tokio::test]
 async fn destinations_list_every_agent_and_drop_departed_ones() {
-    let s = start(true, &[("orders.yaml", &policy_yaml("orders", "/orders"))]);
-    let orders_ch = channel(&s.op, Some(orders_identity(&s.op).await)).await;
-    let payments_ch = channel(
-        &s.op,
-        Some(identity_for(&s.op, TOKEN_PAYMENTS, ID_PAYMENTS).await),
-    )
-    .await;
+    let s = start_with_orders();
+    let orders_ch = orders_channel(&s.op).await;
+    let payments_ch = payments_channel(&s.op).await;
 
     let mut orders = Watch::open(
         orders_ch,
@@ -396,13 +349,9 @@ async fn destinations_list_every_agent_and_drop_departed_ones() {
 
 #[tokio::test]
 async fn two_identities_claiming_one_endpoint_are_not_pinned() {
-    let s = start(true, &[("orders.yaml", &policy_yaml("orders", "/orders"))]);
-    let orders_ch = channel(&s.op, Some(orders_identity(&s.op).await)).await;
-    let payments_ch = channel(
-        &s.op,
-        Some(identity_for(&s.op, TOKEN_PAYMENTS, ID_PAYMENTS).await),
-    )
-    .await;
+    let s = start_with_orders();
+    let orders_ch = orders_channel(&s.op).await;
+    let payments_ch = payments_channel(&s.op).await;
     let mut orders = Watch::open(
         orders_ch,
         advertising(
@@ -440,8 +389,8 @@ async fn two_identities_claiming_one_endpoint_are_not_pinned() {
 
 #[tokio::test]
 async fn invalid_endpoints_are_refused_naming_the_field() {
-    let s = start(true, &[("orders.yaml", &policy_yaml("orders", "/orders"))]);
-    let ch = channel(&s.op, Some(orders_identity(&s.op).await)).await;
+    let s = start_with_orders();
+    let ch = orders_channel(&s.op).await;
     let cases: &[(&[(&str, u32)], &str)] = &[
         (&[("x", 80)], "endpoints[0].ip: \"x\" is not an IP address"),
         (&[("127.0.0.1", 80), ("0.0.0.0", 80)], "endpoints[1].ip"),
@@ -481,13 +430,9 @@ async fn invalid_endpoints_are_refused_naming_the_field() {
 
 #[tokio::test]
 async fn policy_and_destination_changes_are_pushed_separately() {
-    let s = start(true, &[("orders.yaml", &policy_yaml("orders", "/orders"))]);
-    let orders_ch = channel(&s.op, Some(orders_identity(&s.op).await)).await;
-    let payments_ch = channel(
-        &s.op,
-        Some(identity_for(&s.op, TOKEN_PAYMENTS, ID_PAYMENTS).await),
-    )
-    .await;
+    let s = start_with_orders();
+    let orders_ch = orders_channel(&s.op).await;
+    let payments_ch = payments_channel(&s.op).await;
     let mut orders = Watch::open(
         orders_ch,
         advertising(ID_ORDERS, "orders-1", &[("127.0.0.1", 18080)]),
@@ -508,11 +453,7 @@ async fn policy_and_destination_changes_are_pushed_separately() {
     let v2 = r.policy.expect("the new policy");
     assert_ne!(v2.version, v1.version);
     assert_eq!(prefixes(&v2), vec!["/v2"]);
-    orders
-        .send(Kind::Ack(Ack {
-            version: v2.version.clone(),
-        }))
-        .await;
+    orders.ack(&v2.version).await;
 
     // Another agent arrives: the table alone (next_destinations checks
     // that the policy is absent).
@@ -527,7 +468,7 @@ async fn policy_and_destination_changes_are_pushed_separately() {
 
     // An agent that advertises nothing changes no table: the next message
     // orders gets is the next policy, alone.
-    let extra_ch = channel(&s.op, Some(orders_identity(&s.op).await)).await;
+    let extra_ch = orders_channel(&s.op).await;
     let mut silent = Watch::open(extra_ch, advertising(ID_ORDERS, "orders-2", &[]))
         .await
         .unwrap();

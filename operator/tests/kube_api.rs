@@ -99,6 +99,15 @@ async fn racing_operators_create_one_secret_and_share_it() {
     assert_eq!(data["trust-bundle.pem"], b64(&winner.trust_bundle_pem));
 }
 
+/// Loads the CA Secret `api` holds; generating one fails the test.
+async fn load_existing(api: &MockApi) -> (CaMaterial, Origin) {
+    ca::secret::load_or_create(api.client(), NS, SECRET, || {
+        Err::<CaMaterial, _>("must not generate")
+    })
+    .await
+    .unwrap()
+}
+
 #[tokio::test]
 async fn an_existing_secret_is_used_and_never_recreated() {
     let pki = user_pki();
@@ -116,11 +125,7 @@ async fn an_existing_secret_is_used_and_never_recreated() {
             }
         }),
     );
-    let (material, origin) = ca::secret::load_or_create(api.client(), NS, SECRET, || {
-        Err::<CaMaterial, _>("must not generate")
-    })
-    .await
-    .unwrap();
+    let (material, origin) = load_existing(&api).await;
     assert_eq!(origin, Origin::Existing);
     let ca = Ca::load(&material).unwrap();
     assert_eq!(ca.intermediates(), &[der(&pki.intermediate_pem)]);
@@ -144,11 +149,7 @@ async fn a_cert_manager_secret_works_as_is() {
             }
         }),
     );
-    let (material, _) = ca::secret::load_or_create(api.client(), NS, SECRET, || {
-        Err::<CaMaterial, _>("must not generate")
-    })
-    .await
-    .unwrap();
+    let (material, _) = load_existing(&api).await;
     let ca = Ca::load(&material).unwrap();
     assert_eq!(ca.intermediates(), &[der(&pki.intermediate_pem)]);
     assert_eq!(ca.trust_bundle(), &[der(&pki.root_pem)]);

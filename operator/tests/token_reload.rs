@@ -5,7 +5,7 @@
 mod common;
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use palisade_proto::identity::v1::identity_client::IdentityClient;
@@ -26,8 +26,7 @@ fn replace_tokens(path: &Path, text: &str) {
 
 /// Certify outcome for `token`: Ok(SPIFFE ID) or the refusal code.
 async fn certify_as(client: &mut IdentityClient<Channel>, token: &str) -> Result<String, Code> {
-    let (_key, csr_pem) = csr(vec![]);
-    certify(client, token, &csr_pem, 0)
+    certify_fresh(client, token)
         .await
         .map(|r| r.spiffe_id)
         .map_err(|s| s.code())
@@ -36,30 +35,15 @@ async fn certify_as(client: &mut IdentityClient<Channel>, token: &str) -> Result
 /// Retries until `token` gets `want`, for at most 10 s (the poll interval
 /// is 100 ms).
 async fn eventually(client: &mut IdentityClient<Channel>, token: &str, want: Result<&str, Code>) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    poll(async || {
         let got = certify_as(client, token).await;
         if got.as_deref().map_err(|c| *c) == want {
-            return;
+            Ok(())
+        } else {
+            Err(format!("still {got:?}, expected {want:?}"))
         }
-        assert!(
-            Instant::now() < deadline,
-            "still {got:?}, expected {want:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn wait_for_log(op: &Operator, needle: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let log = op.log();
-        if let Some(line) = log.lines().find(|l| l.contains(needle)) {
-            return line.to_owned();
-        }
-        assert!(Instant::now() < deadline, "{needle} not logged:\n{log}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await
 }
 
 #[tokio::test]
@@ -128,17 +112,11 @@ fn a_broken_token_file_still_stops_the_start() {
     let tmp = tempfile::tempdir().unwrap();
     let tokens = tmp.path().join("tokens");
     std::fs::write(&tokens, format!("{TOKEN_A} shop orders\nhalf-typed shop\n")).unwrap();
-    let out = std::process::Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0", "--admin", ""])
-        .arg("--state-dir")
-        .arg(tmp.path().join("state"))
-        .arg("--tokens")
-        .arg(&tokens)
-        .args(["--tokens-poll-interval", "100ms"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = serve_must_fail(
+        &tmp.path().join("state"),
+        &tokens,
+        &["--admin", "", "--tokens-poll-interval", "100ms"],
+    );
     assert!(stderr.contains("line 2"), "{stderr}");
     // Tokens are checked before the CA: nothing was created.
     assert!(!tmp.path().join("state").exists());
@@ -148,16 +126,10 @@ fn a_broken_token_file_still_stops_the_start() {
 fn the_poll_interval_is_checked() {
     let tmp = tempfile::tempdir().unwrap();
     let tokens = write_tokens(tmp.path(), &[(TOKEN_A, "shop", "orders")]);
-    let out = std::process::Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0", "--admin", ""])
-        .arg("--state-dir")
-        .arg(tmp.path().join("state"))
-        .arg("--tokens")
-        .arg(&tokens)
-        .args(["--tokens-poll-interval", "1ms"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = serve_must_fail(
+        &tmp.path().join("state"),
+        &tokens,
+        &["--admin", "", "--tokens-poll-interval", "1ms"],
+    );
     assert!(stderr.contains("at least 50ms"), "{stderr}");
 }

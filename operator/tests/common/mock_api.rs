@@ -188,19 +188,7 @@ impl MockApi {
                     .to_owned();
                 let answer = self.state.lock().unwrap().reviews.get(&token).cloned();
                 match answer {
-                    Some(Ok(status)) => {
-                        // The API server echoes the spec and adds the status.
-                        (
-                            201,
-                            json!({
-                                "kind": "TokenReview",
-                                "apiVersion": "authentication.k8s.io/v1",
-                                "metadata": {"creationTimestamp": null},
-                                "spec": review["spec"],
-                                "status": status,
-                            }),
-                        )
-                    }
+                    Some(Ok(status)) => (201, token_review(&review, status)),
                     Some(Err(403)) => (
                         403,
                         json!({
@@ -216,13 +204,10 @@ impl MockApi {
                     // Unknown tokens: what the API server answers for garbage.
                     None => (
                         201,
-                        json!({
-                            "kind": "TokenReview",
-                            "apiVersion": "authentication.k8s.io/v1",
-                            "metadata": {"creationTimestamp": null},
-                            "spec": review["spec"],
-                            "status": {"user": {}, "error": "[invalid bearer token, square/go-jose: error in cryptographic primitive]"}
-                        }),
+                        token_review(
+                            &review,
+                            json!({"user": {}, "error": "[invalid bearer token, square/go-jose: error in cryptographic primitive]"}),
+                        ),
                     ),
                 }
             }
@@ -249,6 +234,18 @@ impl MockApi {
             .body(Full::new(Bytes::from(answer.to_string())))
             .unwrap()
     }
+}
+
+/// The API server's answer to the TokenReview `request`: it echoes the
+/// spec and adds the status.
+fn token_review(request: &Value, status: Value) -> Value {
+    json!({
+        "kind": "TokenReview",
+        "apiVersion": "authentication.k8s.io/v1",
+        "metadata": {"creationTimestamp": null},
+        "spec": request["spec"],
+        "status": status,
+    })
 }
 
 fn status_failure(code: u16, reason: &str, message: &str, name: &str) -> Value {

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use palisade_proto::identity::v1::identity_client::IdentityClient;
 use palisade_proto::identity::v1::{CertifyRequest, CertifyResponse};
@@ -61,6 +61,38 @@ impl Drop for Operator {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Runs `attempt` every 50 ms until it gives `Ok`, for at most
+/// [`watch::STEP`]; then fails the test with its last `Err`.
+pub async fn poll<T>(mut attempt: impl AsyncFnMut() -> Result<T, String>) -> T {
+    let deadline = Instant::now() + watch::STEP;
+    loop {
+        match attempt().await {
+            Ok(value) => return value,
+            Err(why) => assert!(Instant::now() < deadline, "{why}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until `needle` appears on at least `n` lines of the operator's
+/// log (it is read by a thread, so it lags); returns the first such line.
+pub async fn wait_for_count(op: &Operator, needle: &str, n: usize) -> String {
+    poll(async || {
+        let log = op.log();
+        let mut found = log.lines().filter(|l| l.contains(needle));
+        match (found.next(), found.count() + 1 >= n) {
+            (Some(first), true) => Ok(first.to_owned()),
+            _ => Err(format!("{needle:?} not logged {n} times:\n{log}")),
+        }
+    })
+    .await
+}
+
+/// Waits until `needle` appears in the operator's log; returns its line.
+pub async fn wait_for_log(op: &Operator, needle: &str) -> String {
+    wait_for_count(op, needle, 1).await
 }
 
 /// Writes a token file.
@@ -184,6 +216,30 @@ pub async fn certify(
         })
         .await
         .map(tonic::Response::into_inner)
+}
+
+/// `Certify` with a fresh key, asking for no SANs and the default lifetime.
+pub async fn certify_fresh(
+    client: &mut IdentityClient<Channel>,
+    token: &str,
+) -> Result<CertifyResponse, tonic::Status> {
+    let (_key, csr_pem) = csr(vec![]);
+    certify(client, token, &csr_pem, 0).await
+}
+
+/// Runs `palisade-operator serve` with `extra` arguments, for a start-up
+/// that must fail: checks that it did and returns what it printed.
+pub fn serve_must_fail(state: &Path, tokens: &Path, extra: &[&str]) -> String {
+    let out = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--state-dir"])
+        .arg(state)
+        .arg("--tokens")
+        .arg(tokens)
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 /// A CSR for a fresh P-256 key, asking for whatever SANs it likes.

@@ -6,7 +6,7 @@ use std::time::Duration;
 use palisade_proto::discovery::v1::discovery_client::DiscoveryClient;
 use palisade_proto::discovery::v1::watch_request::Kind;
 use palisade_proto::discovery::v1::{
-    MeshDestinations, MeshEndpoint, WatchRequest, WatchResponse, WorkloadRef,
+    Ack, MeshDestinations, MeshEndpoint, WatchRequest, WatchResponse, WorkloadRef,
 };
 use palisade_proto::policy::v1::WorkloadPolicy;
 use tokio::sync::mpsc;
@@ -101,6 +101,14 @@ impl Watch {
             "a table change resent the policy: {r:?}"
         );
         r.destinations.expect("response without destinations")
+    }
+
+    /// ACKs policy `version`.
+    pub async fn ack(&self, version: &str) {
+        self.send(Kind::Ack(Ack {
+            version: version.to_owned(),
+        }))
+        .await;
     }
 
     pub async fn send(&self, kind: Kind) {
