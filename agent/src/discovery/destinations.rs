@@ -104,6 +104,66 @@ mod tests {
         );
     }
 
+    mod pushes {
+        //! Any push the operator (or something posing as it on a broken
+        //! stream) could send: no panic, every entry either in the table or
+        //! counted as skipped, and nothing of another trust domain pinned.
+        use proptest::prelude::*;
+
+        use super::*;
+
+        fn network() -> impl Strategy<Value = String> {
+            prop_oneof![
+                any::<String>(),
+                (any::<[u8; 4]>(), 0u8..=40)
+                    .prop_map(|(a, p)| { format!("{}/{p}", std::net::Ipv4Addr::from(a)) }),
+                (any::<[u8; 16]>(), 0u8..=140)
+                    .prop_map(|(a, p)| { format!("{}/{p}", std::net::Ipv6Addr::from(a)) }),
+            ]
+        }
+
+        fn identity() -> impl Strategy<Value = String> {
+            prop_oneof![
+                any::<String>(),
+                Just("*".to_owned()),
+                "spiffe://(cluster\\.local|evil\\.example)/ns/[a-z]{1,8}/sa/[a-z]{1,8}",
+            ]
+        }
+
+        fn destination() -> impl Strategy<Value = MeshDestination> {
+            (network(), prop_oneof![any::<u32>(), 0u32..4], identity()).prop_map(
+                |(network, port, spiffe_id)| MeshDestination {
+                    network,
+                    port,
+                    spiffe_id,
+                },
+            )
+        }
+
+        proptest! {
+            #[test]
+            fn every_entry_is_used_or_counted(
+                version in any::<String>(),
+                destinations in proptest::collection::vec(destination(), 0..40),
+            ) {
+                let wire = MeshDestinations { version: version.clone(), destinations };
+                let t = table_from_wire(&wire, "cluster.local");
+                prop_assert_eq!(t.version, Some(version));
+                prop_assert_eq!(t.table.len() + t.skipped, wire.destinations.len());
+                for entry in t.table.entries() {
+                    if let Some(id) = entry.peer.pinned() {
+                        prop_assert_eq!(id.trust_domain(), "cluster.local");
+                    }
+                    // What is in force is what a lookup of its own address finds
+                    // (or a more specific entry for the same address).
+                    let port = entry.port.unwrap_or(1);
+                    let found = t.table.lookup_entry(entry.network.addr(), port);
+                    prop_assert!(found.is_some_and(|f| f.network.prefix() >= entry.network.prefix()));
+                }
+            }
+        }
+    }
+
     #[test]
     fn an_empty_push_is_an_empty_table() {
         let t = table_from_wire(&MeshDestinations::default(), "cluster.local");

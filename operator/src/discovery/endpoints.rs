@@ -302,6 +302,45 @@ fn build_table(
 mod tests {
     use super::*;
 
+    mod advertised {
+        //! What any agent may advertise: accepted only as valid addresses,
+        //! never a panic, never more than the limit.
+        use proptest::prelude::*;
+
+        use super::*;
+
+        fn endpoint() -> impl Strategy<Value = MeshEndpoint> {
+            (
+                prop_oneof![
+                    any::<String>(),
+                    any::<[u8; 4]>().prop_map(|a| std::net::Ipv4Addr::from(a).to_string()),
+                    any::<[u8; 16]>().prop_map(|a| std::net::Ipv6Addr::from(a).to_string()),
+                ],
+                prop_oneof![any::<u32>(), 0u32..=65535],
+            )
+                .prop_map(|(ip, port)| MeshEndpoint { ip, port })
+        }
+
+        proptest! {
+            #[test]
+            fn endpoints_parse_or_are_refused(
+                endpoints in proptest::collection::vec(endpoint(), 0..20),
+            ) {
+                match parse_endpoints(&endpoints) {
+                    Ok(parsed) => {
+                        prop_assert!(endpoints.len() <= MAX_ENDPOINTS);
+                        prop_assert_eq!(parsed.len(), endpoints.len());
+                        for (p, wire) in parsed.iter().zip(&endpoints) {
+                            prop_assert!(!p.ip.is_unspecified() && !p.ip.is_multicast());
+                            prop_assert_eq!(u32::from(p.port), wire.port);
+                        }
+                    }
+                    Err(e) => prop_assert!(e.to_string().contains("endpoints")),
+                }
+            }
+        }
+    }
+
     const A: &str = "spiffe://cluster.local/ns/shop/sa/orders";
     const B: &str = "spiffe://cluster.local/ns/shop/sa/payments";
 
