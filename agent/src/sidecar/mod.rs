@@ -36,7 +36,7 @@ use crate::tls::{MeshTrust, SharedTrustBundle, TrustBundle};
 pub use identity_origin::{IdentityOrigin, IdentityOriginError, OperatorEndpoint};
 pub use policy_origin::{DiscoveryOptions, PolicyFileError, PolicyOrigin};
 
-/// The operator refuses a subscription advertising more endpoints.
+// The operator refuses a subscription advertising more endpoints.
 use palisade_proto::discovery::limits::MAX_ENDPOINTS as MAX_ADVERTISED_ENDPOINTS;
 
 /// The UID `palisade-agent init` exempts from capture by default.
@@ -363,7 +363,7 @@ fn advertised_endpoints(
         v.dedup();
         v
     };
-    let endpoints = match inbound {
+    let mut endpoints = match inbound {
         None => {
             tracing::info!("no inbound listener: no mesh endpoint advertised to the operator");
             return Vec::new();
@@ -375,7 +375,6 @@ fn advertised_endpoints(
             port: Some(listen.port()),
         }],
     };
-    let mut endpoints = endpoints;
     if endpoints.len() > MAX_ADVERTISED_ENDPOINTS {
         // The operator refuses a subscription with more.
         tracing::warn!(
