@@ -13,6 +13,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 
 use palisade_operator::admin::{AdminServer, AdminState};
+use palisade_operator::ca::reload::{CurrentCa, ReloadingCa};
 use palisade_operator::ca::{self, Ca, CaMaterial, Origin};
 use palisade_operator::discovery::{
     DirSource, DiscoveryService, DiscoveryStatus, MeshRegistry, SourceSpec,
@@ -55,6 +56,8 @@ enum Command {
 #[derive(Args)]
 struct ServeArgs {
     /// Directory holding the CA (`<dir>/ca/`); created with a new CA if absent.
+    /// Its CA files are re-read every --ca-poll-interval, so a root rotation
+    /// needs no restart; a broken edit is logged and the previous CA stays.
     #[arg(
         long,
         value_name = "DIR",
@@ -82,6 +85,16 @@ struct ServeArgs {
         conflicts_with = "kubernetes"
     )]
     tokens_poll_interval: Duration,
+    /// How often the CA files in --state-dir are re-read, e.g. 5s, 500ms.
+    /// Changed files are used once two reads in a row agree.
+    #[arg(
+        long,
+        value_name = "DURATION",
+        default_value = "5s",
+        value_parser = parse_poll_interval,
+        conflicts_with = "kubernetes"
+    )]
+    ca_poll_interval: Duration,
     /// Kubernetes mode: CA in a Secret, tokens checked with TokenReview
     /// (audience palisade.dev), using the in-cluster or kubeconfig credentials.
     #[arg(long)]
@@ -213,46 +226,52 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     // Before anything is created, so a typo leaves nothing behind.
     let admin_addr = parse_admin(&args.admin)?;
-    let (material, origin, tokens, bundle_location): (_, _, Arc<dyn TokenValidator>, String) =
-        match (&args.state_dir, &args.tokens, args.kubernetes) {
-            (Some(state_dir), Some(tokens), false) => {
-                // Tokens first: a mistyped path should not leave a new CA behind.
-                let tokens = Arc::new(ReloadingTokenFile::load(tokens)?);
-                let (material, origin) = ca::dir::load_or_create(state_dir, generate)?;
-                tracing::info!(
-                    tokens = tokens.current().len(),
-                    poll_interval = ?args.tokens_poll_interval,
-                    "loaded the token file"
-                );
-                // Rotation and revocation without a restart.
-                tokio::spawn(tokens.clone().run(args.tokens_poll_interval));
-                // Absolute, so scripts can use it from anywhere.
-                let state_dir = std::fs::canonicalize(state_dir).unwrap_or(state_dir.clone());
-                let bundle = ca::dir::trust_bundle_path(&state_dir).display().to_string();
-                (material, origin, tokens, bundle)
-            }
-            (None, None, true) => {
-                let client = kube::Client::try_default()
-                    .await
-                    .context("connecting to the Kubernetes API")?;
-                let (material, origin) = ca::secret::load_or_create(
-                    client.clone(),
-                    &args.namespace,
-                    &args.ca_secret,
-                    generate,
-                )
-                .await?;
-                let reviewer = TokenReviewer::new(client, palisade_operator::TOKEN_AUDIENCE);
-                let bundle = format!(
-                    "secret/{}/{} key {}",
-                    args.namespace,
-                    args.ca_secret,
-                    ca::material::TRUST_BUNDLE_FILE
-                );
-                (material, origin, Arc::new(reviewer), bundle)
-            }
-            _ => bail!("use either --state-dir and --tokens, or --kubernetes"),
-        };
+    // `ca_files`: the state directory whose CA files are followed (local mode).
+    let (material, origin, tokens, bundle_location, ca_files): (
+        _,
+        _,
+        Arc<dyn TokenValidator>,
+        String,
+        Option<PathBuf>,
+    ) = match (&args.state_dir, &args.tokens, args.kubernetes) {
+        (Some(state_dir), Some(tokens), false) => {
+            // Tokens first: a mistyped path should not leave a new CA behind.
+            let tokens = Arc::new(ReloadingTokenFile::load(tokens)?);
+            let (material, origin) = ca::dir::load_or_create(state_dir, generate)?;
+            tracing::info!(
+                tokens = tokens.current().len(),
+                poll_interval = ?args.tokens_poll_interval,
+                "loaded the token file"
+            );
+            // Rotation and revocation without a restart.
+            tokio::spawn(tokens.clone().run(args.tokens_poll_interval));
+            // Absolute, so scripts can use it from anywhere.
+            let state_dir = std::fs::canonicalize(state_dir).unwrap_or(state_dir.clone());
+            let bundle = ca::dir::trust_bundle_path(&state_dir).display().to_string();
+            (material, origin, tokens, bundle, Some(state_dir))
+        }
+        (None, None, true) => {
+            let client = kube::Client::try_default()
+                .await
+                .context("connecting to the Kubernetes API")?;
+            let (material, origin) = ca::secret::load_or_create(
+                client.clone(),
+                &args.namespace,
+                &args.ca_secret,
+                generate,
+            )
+            .await?;
+            let reviewer = TokenReviewer::new(client, palisade_operator::TOKEN_AUDIENCE);
+            let bundle = format!(
+                "secret/{}/{} key {}",
+                args.namespace,
+                args.ca_secret,
+                ca::material::TRUST_BUNDLE_FILE
+            );
+            (material, origin, Arc::new(reviewer), bundle, None)
+        }
+        _ => bail!("use either --state-dir and --tokens, or --kubernetes"),
+    };
     let ca = Arc::new(Ca::load(&material).context("loading the CA")?);
     tracing::info!(
         created = origin == Origin::Created,
@@ -260,6 +279,17 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         intermediates = ca.intermediates().len(),
         "CA ready"
     );
+    let ca = CurrentCa::new(ca);
+    if let Some(state_dir) = &ca_files {
+        // Root rotation without a restart (docs/operations.md).
+        let reloading = Arc::new(ReloadingCa::new(state_dir, &material, ca.clone()));
+        tracing::info!(
+            dir = %ca::dir::ca_dir(state_dir).display(),
+            poll_interval = ?args.ca_poll_interval,
+            "following the CA files"
+        );
+        tokio::spawn(reloading.run(args.ca_poll_interval));
+    }
     let config = ServeConfig {
         listen: args.listen,
         trust_domain: args.trust_domain,

@@ -12,10 +12,10 @@ use palisade_proto::identity::v1::identity_server::IdentityServer;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
-use crate::ca::Ca;
+use crate::ca::reload::CurrentCa;
 use crate::discovery::{DiscoveryService, DiscoveryStatus};
 use crate::identity::{IdentityService, IssuanceCounters};
-use crate::tls::{self, RotatingCert, TlsError};
+use crate::tls::{self, CurrentAcceptor, RotatingCert, TlsError};
 use crate::tokens::TokenValidator;
 
 /// gRPC messages here are small (a token and a CSR).
@@ -48,7 +48,7 @@ pub struct ServeConfig {
 pub struct Server {
     listener: TcpListener,
     local_addr: SocketAddr,
-    acceptor: TlsAcceptor,
+    acceptor: Arc<CurrentAcceptor>,
     service: IdentityService,
     /// `None` until [`Server::with_discovery`]; then Watch answers
     /// FAILED_PRECONDITION (no policy source).
@@ -58,18 +58,32 @@ pub struct Server {
 }
 
 impl Server {
+    /// `ca` is read at each use, so a [`CurrentCa`] kept up to date by
+    /// [`crate::ca::reload::ReloadingCa`] changes issuance, the serving
+    /// certificate and the client roots without a restart.
     pub async fn bind(
         config: &ServeConfig,
-        ca: Arc<Ca>,
+        ca: impl Into<CurrentCa>,
         tokens: Arc<dyn TokenValidator>,
         counters: Arc<IssuanceCounters>,
     ) -> Result<Self, ServeError> {
         let profile =
             tls::serving_profile(&config.trust_domain, &config.namespace, config.cert_ttl)?;
-        let (cert, not_after) = tls::issue_serving_cert(&ca, &profile)?;
+        let ca: CurrentCa = ca.into();
+        let initial = ca.get();
+        let (cert, not_after) = tls::issue_serving_cert(&initial, &profile)?;
         let resolver = Arc::new(RotatingCert::new(cert));
-        let acceptor = TlsAcceptor::from(tls::server_config(resolver.clone(), ca.trust_bundle())?);
-        let renewal = tokio::spawn(tls::renew_forever(ca.clone(), profile, resolver, not_after));
+        let acceptor = Arc::new(CurrentAcceptor::new(TlsAcceptor::from(tls::server_config(
+            resolver.clone(),
+            initial.trust_bundle(),
+        )?)));
+        let renewal = tokio::spawn(tls::renew_forever(
+            ca.clone(),
+            profile,
+            resolver,
+            acceptor.clone(),
+            not_after,
+        ));
         let listener =
             TcpListener::bind(config.listen)
                 .await

@@ -2,10 +2,15 @@
 //! CA, renewed before expiry and swapped without a restart), the rustls
 //! server configuration, and the stream of accepted TLS connections tonic
 //! serves on.
+//!
+//! When the CA in force changes (local mode re-reads its files), the
+//! serving certificate is re-issued from the new CA and the client
+//! certificate roots are rebuilt from the new bundle, both at once; new
+//! connections get them, established ones keep what they negotiated.
 
 use std::io;
 use std::net::IpAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, SystemTime};
 
 use rcgen::{KeyPair, PKCS_ECDSA_P256_SHA256};
@@ -25,6 +30,7 @@ use tonic::codegen::tokio_stream::wrappers::ReceiverStream;
 
 use palisade_policy::identity::SpiffeId;
 
+use crate::ca::reload::CurrentCa;
 use crate::ca::{Ca, CaError, LeafProfile};
 
 /// A TLS handshake that takes longer than this is dropped.
@@ -145,14 +151,43 @@ pub fn server_config(
     Ok(Arc::new(config))
 }
 
-/// Renews the serving certificate at 70 % of its lifetime, forever. On
-/// failure it retries every few seconds and keeps serving the old one.
+/// The acceptor new connections use; swapped when the client roots change.
+pub struct CurrentAcceptor {
+    current: RwLock<TlsAcceptor>,
+}
+
+impl CurrentAcceptor {
+    pub fn new(initial: TlsAcceptor) -> Self {
+        Self {
+            current: RwLock::new(initial),
+        }
+    }
+
+    pub fn get(&self) -> TlsAcceptor {
+        // A poisoned lock still holds a valid acceptor.
+        self.current
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    pub fn replace(&self, next: TlsAcceptor) {
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = next;
+    }
+}
+
+/// Renews the serving certificate at 70 % of its lifetime, and at once when
+/// the CA changes (then also the client roots), forever. On failure it
+/// retries every few seconds and keeps serving the old one.
 pub async fn renew_forever(
-    ca: Arc<Ca>,
+    ca: CurrentCa,
     profile: LeafProfile,
     resolver: Arc<RotatingCert>,
+    acceptor: Arc<CurrentAcceptor>,
     mut not_after: SystemTime,
 ) {
+    let mut changes = ca.subscribe();
+    let mut watching = true;
     loop {
         let lifetime = profile.ttl;
         let renew_at = not_after
@@ -162,12 +197,42 @@ pub async fn renew_forever(
             .duration_since(SystemTime::now())
             .unwrap_or_default()
             .max(Duration::from_secs(1));
-        tokio::time::sleep(wait).await;
-        match issue_serving_cert(&ca, &profile) {
+        let ca_changed = tokio::select! {
+            () = tokio::time::sleep(wait) => false,
+            changed = changes.changed(), if watching => {
+                // Cannot happen while `ca` is held; stop watching rather
+                // than spin if it ever does.
+                watching = changed.is_ok();
+                watching
+            }
+        };
+        let current = ca.get();
+        if ca_changed {
+            // The old roots must stop admitting client certificates, and
+            // new ones must admit them, from the next handshake on.
+            match server_config(resolver.clone(), current.trust_bundle()) {
+                Ok(config) => {
+                    acceptor.replace(TlsAcceptor::from(config));
+                    tracing::info!(
+                        roots = current.trust_bundle().len(),
+                        "client certificate roots follow the reloaded CA"
+                    );
+                }
+                Err(e) => tracing::error!(error = %e,
+                    "cannot use the reloaded trust bundle for client certificates; the previous roots stay in force"),
+            }
+        }
+        match issue_serving_cert(&current, &profile) {
             Ok((cert, expiry)) => {
                 resolver.replace(cert);
                 not_after = expiry;
-                tracing::info!("renewed the operator's serving certificate");
+                if ca_changed {
+                    tracing::info!(
+                        "re-issued the operator's serving certificate from the reloaded CA"
+                    );
+                } else {
+                    tracing::info!("renewed the operator's serving certificate");
+                }
             }
             Err(e) => {
                 tracing::error!(error = %e, "renewing the serving certificate failed; retrying");
@@ -181,7 +246,7 @@ pub async fn renew_forever(
 /// slow client cannot hold up the others), yielding finished TLS streams.
 pub fn incoming(
     listener: TcpListener,
-    acceptor: TlsAcceptor,
+    acceptor: Arc<CurrentAcceptor>,
 ) -> ReceiverStream<Result<TlsStream<TcpStream>, io::Error>> {
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
@@ -199,7 +264,7 @@ pub fn incoming(
             if tx.is_closed() {
                 break;
             }
-            let acceptor = acceptor.clone();
+            let acceptor = acceptor.get();
             let conn_tx = tx.clone();
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {

@@ -3,7 +3,8 @@
 //! One concept per file: [`material`] is the CA as stored, [`generate`]
 //! makes a new root, [`dir`] and [`secret`] are the two stores (state
 //! directory, Kubernetes Secret), [`csr`] checks signing requests, and
-//! [`leaf`] is the profile of the certificates handed out. This file holds
+//! [`leaf`] is the profile of the certificates handed out; [`reload`]
+//! keeps local mode's CA in step with its files. This file holds
 //! [`Ca`], the loaded and checked CA that signs.
 
 pub mod csr;
@@ -12,6 +13,7 @@ pub mod generate;
 pub mod leaf;
 pub mod material;
 pub mod pem;
+pub mod reload;
 pub mod secret;
 pub mod serial;
 

@@ -17,8 +17,9 @@ use palisade_proto::identity::v1::identity_server::Identity;
 use palisade_proto::identity::v1::{CertifyRequest, CertifyResponse};
 use tonic::{Request, Response, Status};
 
+use crate::ca::LeafProfile;
 use crate::ca::csr::VerifiedCsr;
-use crate::ca::{Ca, LeafProfile};
+use crate::ca::reload::CurrentCa;
 use crate::tokens::{TokenError, TokenValidator};
 
 pub use counters::{CountersSnapshot, IssuanceCounters};
@@ -32,7 +33,9 @@ const MSG_UNAVAILABLE: &str = "token validation unavailable, retry later";
 const MSG_INTERNAL: &str = "certificate issuance failed";
 
 pub struct IdentityService {
-    ca: Arc<Ca>,
+    /// Read once per call: a CA reloaded mid-call cannot mix the old
+    /// issuer's leaf with the new chain or bundle.
+    ca: CurrentCa,
     tokens: Arc<dyn TokenValidator>,
     trust_domain: String,
     max_ttl: Duration,
@@ -41,14 +44,14 @@ pub struct IdentityService {
 
 impl IdentityService {
     pub fn new(
-        ca: Arc<Ca>,
+        ca: impl Into<CurrentCa>,
         tokens: Arc<dyn TokenValidator>,
         trust_domain: impl Into<String>,
         max_ttl: Duration,
         counters: Arc<IssuanceCounters>,
     ) -> Self {
         Self {
-            ca,
+            ca: ca.into(),
             tokens,
             trust_domain: trust_domain.into(),
             max_ttl,
@@ -97,8 +100,8 @@ impl IdentityService {
         let ttl = effective_ttl(req.requested_ttl_seconds, self.max_ttl);
         // Only the token's identity goes into the certificate; whatever the
         // CSR asked for besides its key was dropped by VerifiedCsr.
-        let leaf = self
-            .ca
+        let ca = self.ca.get();
+        let leaf = ca
             .issue(
                 csr.public_key(),
                 &LeafProfile::workload(spiffe_id.clone(), ttl),
@@ -113,12 +116,12 @@ impl IdentityService {
             ttl_seconds = ttl.as_secs(),
             "certificate issued"
         );
-        let mut chain = Vec::with_capacity(1 + self.ca.intermediates().len());
+        let mut chain = Vec::with_capacity(1 + ca.intermediates().len());
         chain.push(leaf.pem());
-        chain.extend(self.ca.intermediates_pem());
+        chain.extend(ca.intermediates_pem());
         Ok(CertifyResponse {
             cert_chain_pem: chain,
-            trust_bundle_pem: self.ca.trust_bundle_pem(),
+            trust_bundle_pem: ca.trust_bundle_pem(),
             expires_at: Some(timestamp(leaf.not_after)),
             spiffe_id: spiffe_id.to_string(),
         })

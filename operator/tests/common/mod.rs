@@ -202,6 +202,23 @@ pub async fn client(addr: SocketAddr, bundle_pem: &str) -> IdentityClient<Channe
     IdentityClient::new(channel)
 }
 
+/// Like [`client`], but a failed connection is returned, not a panic.
+pub async fn try_client(
+    addr: SocketAddr,
+    bundle_pem: String,
+) -> Result<IdentityClient<Channel>, tonic::transport::Error> {
+    install_ring();
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(bundle_pem))
+        .domain_name("localhost");
+    let channel = Channel::from_shared(format!("https://localhost:{}", addr.port()))
+        .unwrap()
+        .tls_config(tls)?
+        .connect()
+        .await?;
+    Ok(IdentityClient::new(channel))
+}
+
 pub async fn certify(
     client: &mut IdentityClient<Channel>,
     token: &str,
