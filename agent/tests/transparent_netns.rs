@@ -8,7 +8,11 @@
 //! which sees an XFCC naming A's SPIFFE ID; a plaintext connection that
 //! bypasses A's capture (made as UID 2137) gets no answer from B's app,
 //! because B's agent demands mTLS; an unmatched destination passes through
-//! as plain TCP, or is refused under `--outbound-unmatched deny`.
+//! as plain TCP, or is refused under `--outbound-unmatched deny`. And with
+//! no `--mesh-destination` at all, A's agent meshes B exactly while (and
+//! with the identity) the operator's discovery stream says so: refused before
+//! a table covers B, tunnelled once it pins B's identity, refused again when
+//! it pins another.
 //!
 //! The test's own sockets join a namespace by creating them on a thread that
 //! called `setns(2)` (a socket stays in the namespace it was created in), and
@@ -32,11 +36,12 @@ use std::time::Duration;
 use common::backend::Http;
 use common::inbound::mesh_policy;
 use common::netns::{Netns, run};
+use common::operator::{FakeDiscovery, FakeOperator, mesh_destinations};
 use common::outbound::{
     SeenHeaders, assert_one_request_from_web_at_orders, read_until, recording_app,
 };
 use common::proc::{Proc, agent_run};
-use common::{Leaf, ORDERS, TestCa, WEB};
+use common::{AGENT, Leaf, OPERATOR, ORDERS, TestCa, WEB};
 use parking_lot::Mutex;
 use prost::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -122,7 +127,13 @@ fn pods() -> (Netns, Netns) {
 /// `palisade-agent run --transparent` in `ns`, as UID/GID 2137, with the
 /// certificate `name` from `dir`; waits until both listeners are up.
 async fn start_agent(ns: &Netns, dir: &Path, name: &str, extra: &[&str]) -> Proc {
-    let mut cmd = agent_run(dir, name, &[&["--transparent"], extra].concat());
+    let cmd = agent_run(dir, name, &[&["--transparent"], extra].concat());
+    spawn_agent(ns, name, cmd).await
+}
+
+/// Runs the agent command `cmd` (which must include `--transparent`) in
+/// `ns` as UID/GID 2137; waits until both listeners are up.
+async fn spawn_agent(ns: &Netns, name: &str, mut cmd: Command) -> Proc {
     cmd.uid(PROXY_UID).gid(PROXY_UID);
     let mut agent =
         ns.run_in(|| Proc::spawn(&format!("agent {name}"), "info,palisade_agent=debug", cmd));
@@ -310,5 +321,125 @@ async fn transparent_mode_between_two_pods() {
         .unwrap();
     assert!(String::from_utf8_lossy(&answer).ends_with("pod-b-app"));
     assert_eq!(seen.lock().len(), 2);
+    drop(agent_b);
+}
+
+/// Some other workload of the mesh.
+const PAYMENTS: &str = "spiffe://cluster.local/ns/shop/sa/payments";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transparent_mode_meshes_what_discovery_pins() {
+    if !netns_or_skip() {
+        return;
+    }
+    let (pod_a, pod_b) = pods();
+    let dir = tempfile::tempdir().unwrap();
+    let op = FakeOperator::new(
+        TestCa::new("mesh root"),
+        Duration::from_secs(3600),
+        &[("tok-web", WEB)],
+    );
+    // B's certificate and policy from files, of the operator's CA.
+    write_files(dir.path(), &op.ca);
+    let token = dir.path().join("a.token");
+    std::fs::write(&token, "tok-web\n").unwrap();
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).unwrap();
+
+    pod_a.agent_init(&["--pod-ip", POD_A]);
+    pod_b.agent_init(&["--pod-ip", POD_B]);
+    let seen = serve_app(pod_b.listen(&format!("0.0.0.0:{APP_PORT}")));
+    let policy = dir.path().join("b.pb");
+    let agent_b = start_agent(
+        &pod_b,
+        dir.path(),
+        "b",
+        &["--policy-file", policy.to_str().unwrap()],
+    )
+    .await;
+
+    // The operator listens on pod A's loopback: A's agent (UID 2137) reaches
+    // it uncaptured. Its first table does not cover B.
+    let discovery = FakeDiscovery::new();
+    let b_net = format!("{POD_B}/32");
+    discovery.push_destinations(mesh_destinations("d0", &[("10.79.0.99/32", 0, ORDERS)]));
+    let operator = op.serve_with_discovery(&discovery, pod_a.listen("127.0.0.1:0"));
+
+    // A: transparent, deny unmatched, no --mesh-destination, identity and
+    // destinations from the operator.
+    let mut cmd = Command::new(AGENT);
+    cmd.args(["run", "--transparent", "--outbound-unmatched", "deny"])
+        .args([
+            "--operator",
+            &operator.to_string(),
+            "--operator-id",
+            OPERATOR,
+        ])
+        .arg("--token-file")
+        .arg(&token)
+        .arg("--trust-bundle")
+        .arg(dir.path().join("ca.pem"))
+        .args(["--admin", ""])
+        .env_remove("POD_IP");
+    let mut agent_a = spawn_agent(&pod_a, "a", cmd).await;
+    agent_a
+        .wait_for(&["mesh destinations applied", "version=d0", "entries=1"])
+        .await;
+    let app_addr: SocketAddr = format!("{POD_B}:{APP_PORT}").parse().unwrap();
+
+    // 1. Nothing says B is meshed: under deny A's request is refused.
+    let refused = exchange(pod_a.socket(), app_addr, &get("pod-b")).await;
+    assert_eq!(
+        String::from_utf8_lossy(&refused.unwrap_or_default()),
+        "",
+        "an unmeshed destination answered under deny"
+    );
+    agent_a
+        .wait_for(&["--outbound-unmatched is deny", &app_addr.to_string()])
+        .await;
+    assert!(seen.lock().is_empty(), "B's app saw a denied request");
+
+    // 2. Discovery pins B (every port) to orders, which B's agent is: the
+    //    same plain request is tunnelled over mTLS and answered.
+    discovery.push_destinations(mesh_destinations("d1", &[(&b_net, 0, ORDERS)]));
+    agent_a
+        .wait_for(&["mesh destinations applied", "version=d1", "entries=1"])
+        .await;
+    let answer = exchange(pod_a.socket(), app_addr, &get("pod-b"))
+        .await
+        .expect("connect from pod A");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 200") && answer.ends_with("pod-b-app"),
+        "{answer}\n--- agent A:\n{}\n--- agent B:\n{}",
+        agent_a.transcript(),
+        agent_b.transcript()
+    );
+    assert_one_request_from_web_at_orders(
+        &seen,
+        "B's app got no XFCC: the request did not cross mTLS",
+    );
+    agent_a
+        .wait_for(&["mTLS tunnel established", &app_addr.to_string(), "http/1.1"])
+        .await;
+
+    // 3. Discovery now says payments is at B: B's agent presents orders, so
+    //    A's agent refuses the handshake and B's app sees nothing new.
+    discovery.push_destinations(mesh_destinations("d2", &[(&b_net, 0, PAYMENTS)]));
+    agent_a
+        .wait_for(&["mesh destinations applied", "version=d2", "entries=1"])
+        .await;
+    let refused = exchange(pod_a.socket(), app_addr, &get("pod-b")).await;
+    assert_eq!(
+        String::from_utf8_lossy(&refused.unwrap_or_default()),
+        "",
+        "a destination of the wrong identity answered"
+    );
+    agent_a
+        .wait_for(&["mTLS handshake failed", &app_addr.to_string(), PAYMENTS])
+        .await;
+    assert_eq!(seen.lock().len(), 1, "B's app saw the mis-pinned request");
+    // One stream throughout: the pushes were live, not a reconnect's replay.
+    assert_eq!(*discovery.subscribes.lock(), 1);
+    drop(agent_a);
     drop(agent_b);
 }
