@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::discovery::{DiscoverySvc, FakeDiscovery, Seen, mesh_destinations};
 use common::{OPERATOR, ORDERS, TD, TestCa, WEB, trust};
 use palisade_agent::discovery::{
     AdvertisedEndpoint, PolicySource, PolicyStatus, PolicyStatusSnapshot, PolicyWatcher,
@@ -17,147 +18,18 @@ use palisade_agent::inbound::SharedPolicy;
 use palisade_agent::outbound::{DiscoveredDestinations, ExpectedPeer};
 use palisade_agent::tls::MtlsMode;
 use palisade_policy::identity::SpiffeId;
-use palisade_policy::spiffe_cert::spiffe_id_of_certificate;
 use palisade_policy::wire as pb;
-use palisade_proto::discovery::v1::discovery_server::{Discovery, DiscoveryServer};
-use palisade_proto::discovery::v1::watch_request::Kind;
-use palisade_proto::discovery::v1::{
-    MeshDestination, MeshDestinations, WatchRequest, WatchResponse, WorkloadRef,
-};
+use palisade_proto::discovery::v1::WorkloadRef;
+use palisade_proto::discovery::v1::discovery_server::DiscoveryServer;
 use palisade_proto::identity::v1::identity_server::{Identity, IdentityServer};
 use palisade_proto::identity::v1::{CertifyRequest, CertifyResponse};
-use tokio::sync::{mpsc, oneshot, watch};
-use tonic::codegen::tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::{mpsc, oneshot};
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity as TlsIdentity, Server, ServerTlsConfig};
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Request, Response, Status};
 
 /// Each wait gives up after this long.
 const STEP: Duration = Duration::from_secs(10);
-
-/// What the fake operator saw.
-#[derive(Debug)]
-enum Seen {
-    Subscribe {
-        workload: WorkloadRef,
-        /// SPIFFE ID of the client certificate.
-        peer: Option<String>,
-    },
-    Ack(String),
-    Nack(String, String),
-}
-
-/// The operator double: pushes the current `policy` and `destinations` to
-/// every stream (together on subscribe, then each again on its own change),
-/// ends every stream when `kill` changes.
-struct Fake {
-    policy: watch::Sender<Option<pb::WorkloadPolicy>>,
-    destinations: watch::Sender<Option<MeshDestinations>>,
-    kill: watch::Sender<u64>,
-    seen: mpsc::UnboundedSender<Seen>,
-}
-
-impl Fake {
-    fn new() -> (Arc<Self>, mpsc::UnboundedReceiver<Seen>) {
-        let (seen, rx) = mpsc::unbounded_channel();
-        let fake = Arc::new(Self {
-            policy: watch::channel(None).0,
-            destinations: watch::channel(None).0,
-            kill: watch::channel(0).0,
-            seen,
-        });
-        (fake, rx)
-    }
-
-    fn push(&self, policy: pb::WorkloadPolicy) {
-        self.policy.send_replace(Some(policy));
-    }
-
-    fn push_destinations(&self, destinations: MeshDestinations) {
-        self.destinations.send_replace(Some(destinations));
-    }
-}
-
-struct Svc(Arc<Fake>);
-
-#[tonic::async_trait]
-impl Discovery for Svc {
-    type WatchStream = ReceiverStream<Result<WatchResponse, Status>>;
-
-    async fn watch(
-        &self,
-        request: Request<Streaming<WatchRequest>>,
-    ) -> Result<Response<Self::WatchStream>, Status> {
-        let peer = request
-            .peer_certs()
-            .and_then(|certs| certs.first().cloned())
-            .and_then(|leaf| spiffe_id_of_certificate(leaf.as_ref(), TD).ok())
-            .map(|id| id.to_string());
-        let mut inbound = request.into_inner();
-        let first = inbound
-            .message()
-            .await?
-            .ok_or_else(|| Status::invalid_argument("no subscribe"))?;
-        let Some(Kind::Subscribe(workload)) = first.kind else {
-            return Err(Status::invalid_argument("subscribe first"));
-        };
-        let fake = self.0.clone();
-        let _ = fake.seen.send(Seen::Subscribe { workload, peer });
-        let (tx, rx) = mpsc::channel(4);
-        let mut policy = fake.policy.subscribe();
-        let mut destinations = fake.destinations.subscribe();
-        let mut kill = fake.kill.subscribe();
-        tokio::spawn(async move {
-            // On subscribe: whatever is current, in one response.
-            let mut next = WatchResponse {
-                policy: policy.borrow_and_update().clone(),
-                destinations: destinations.borrow_and_update().clone(),
-            };
-            loop {
-                if (next.policy.is_some() || next.destinations.is_some())
-                    && tx.send(Ok(next)).await.is_err()
-                {
-                    return;
-                }
-                loop {
-                    tokio::select! {
-                        changed = policy.changed() => {
-                            if changed.is_err() { return; }
-                            next = WatchResponse {
-                                policy: policy.borrow_and_update().clone(),
-                                destinations: None,
-                            };
-                            break;
-                        }
-                        changed = destinations.changed() => {
-                            if changed.is_err() { return; }
-                            next = WatchResponse {
-                                policy: None,
-                                destinations: destinations.borrow_and_update().clone(),
-                            };
-                            break;
-                        }
-                        _ = kill.changed() => {
-                            let _ = tx.send(Err(Status::unavailable("operator restarting"))).await;
-                            return;
-                        }
-                        msg = inbound.message() => match msg {
-                            Ok(Some(WatchRequest { kind: Some(Kind::Ack(a)) })) => {
-                                let _ = fake.seen.send(Seen::Ack(a.version));
-                            }
-                            Ok(Some(WatchRequest { kind: Some(Kind::Nack(n)) })) => {
-                                let _ = fake.seen.send(Seen::Nack(n.version, n.reason));
-                            }
-                            Ok(Some(_)) => {}
-                            Ok(None) | Err(_) => return,
-                        },
-                    }
-                }
-            }
-        });
-        Ok(Response::new(ReceiverStream::new(rx)))
-    }
-}
 
 /// A running fake server; `stop` ends its streams and closes the port.
 struct Running {
@@ -176,11 +48,16 @@ fn server_tls(ca: &TestCa, server_id: &str) -> ServerTlsConfig {
 }
 
 /// The fake as the operator (`OPERATOR`) on an ephemeral loopback port.
-async fn serve_as_operator(fake: &Arc<Fake>, ca: &TestCa) -> Running {
+async fn serve_as_operator(fake: &Arc<FakeDiscovery>, ca: &TestCa) -> Running {
     serve(fake, ca, OPERATOR, "127.0.0.1:0".parse().unwrap()).await
 }
 
-async fn serve(fake: &Arc<Fake>, ca: &TestCa, server_id: &str, addr: SocketAddr) -> Running {
+async fn serve(
+    fake: &Arc<FakeDiscovery>,
+    ca: &TestCa,
+    server_id: &str,
+    addr: SocketAddr,
+) -> Running {
     let tls = server_tls(ca, server_id);
     let incoming = TcpIncoming::bind(addr).expect("bind");
     let addr = incoming.local_addr().expect("local addr");
@@ -188,7 +65,7 @@ async fn serve(fake: &Arc<Fake>, ca: &TestCa, server_id: &str, addr: SocketAddr)
     let server = Server::builder()
         .tls_config(tls)
         .expect("tls config")
-        .add_service(DiscoveryServer::new(Svc(fake.clone())))
+        .add_service(DiscoveryServer::new(DiscoverySvc(fake.clone())))
         .serve_with_incoming_shutdown(incoming, async {
             let _ = stopped.await;
         });
@@ -203,7 +80,7 @@ async fn serve(fake: &Arc<Fake>, ca: &TestCa, server_id: &str, addr: SocketAddr)
 }
 
 impl Running {
-    async fn stop(mut self, fake: &Fake) {
+    async fn stop(mut self, fake: &FakeDiscovery) {
         fake.kill.send_modify(|n| *n += 1);
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
@@ -381,7 +258,7 @@ async fn expect_subscribe(
 #[tokio::test]
 async fn a_good_policy_is_swapped_in_and_acked_with_its_version() {
     let ca = TestCa::new("mesh root");
-    let (fake, mut seen) = Fake::new();
+    let (fake, mut seen) = FakeDiscovery::new();
     let server = serve_as_operator(&fake, &ca).await;
     let agent = Agent::start(&ca, server.addr);
 
@@ -437,7 +314,7 @@ async fn a_good_policy_is_swapped_in_and_acked_with_its_version() {
 #[tokio::test]
 async fn an_unloadable_policy_is_nacked_and_the_previous_one_stays() {
     let ca = TestCa::new("mesh root");
-    let (fake, mut seen) = Fake::new();
+    let (fake, mut seen) = FakeDiscovery::new();
     fake.push(policy("v1", &["/orders"]));
     let server = serve_as_operator(&fake, &ca).await;
     let agent = Agent::start(&ca, server.addr);
@@ -478,7 +355,7 @@ async fn an_unloadable_policy_is_nacked_and_the_previous_one_stays() {
 #[tokio::test]
 async fn a_restarted_operator_is_reconnected_and_the_policy_stays_meanwhile() {
     let ca = TestCa::new("mesh root");
-    let (fake, mut seen) = Fake::new();
+    let (fake, mut seen) = FakeDiscovery::new();
     fake.push(policy("v1", &["/orders"]));
     let server = serve_as_operator(&fake, &ca).await;
     let addr = server.addr;
@@ -515,7 +392,7 @@ async fn a_restarted_operator_is_reconnected_and_the_policy_stays_meanwhile() {
 #[tokio::test]
 async fn an_operator_with_the_wrong_identity_is_never_subscribed_to() {
     let ca = TestCa::new("mesh root");
-    let (fake, mut seen) = Fake::new();
+    let (fake, mut seen) = FakeDiscovery::new();
     fake.push(policy("v1", &["/orders"]));
     // A workload of the mesh posing as the operator.
     let server = serve(&fake, &ca, WEB, "127.0.0.1:0".parse().unwrap()).await;
@@ -526,20 +403,6 @@ async fn an_operator_with_the_wrong_identity_is_never_subscribed_to() {
     assert!(seen.try_recv().is_err(), "the impostor saw a subscribe");
     assert!(agent.policy.current().is_none());
     assert!(!agent.status.snapshot().connected);
-}
-
-fn mesh(version: &str, entries: &[(&str, u32, &str)]) -> MeshDestinations {
-    MeshDestinations {
-        version: version.into(),
-        destinations: entries
-            .iter()
-            .map(|(network, port, id)| MeshDestination {
-                network: (*network).into(),
-                port: *port,
-                spiffe_id: (*id).into(),
-            })
-            .collect(),
-    }
 }
 
 /// The endpoints a subscription advertised, as (IP, port).
@@ -558,7 +421,7 @@ fn ip(s: &str) -> std::net::IpAddr {
 #[tokio::test]
 async fn the_subscription_advertises_our_mesh_endpoints() {
     let ca = TestCa::new("mesh root");
-    let (fake, mut seen) = Fake::new();
+    let (fake, mut seen) = FakeDiscovery::new();
     let server = serve_as_operator(&fake, &ca).await;
     let endpoints = vec![
         AdvertisedEndpoint {
@@ -577,7 +440,7 @@ async fn the_subscription_advertises_our_mesh_endpoints() {
     assert_eq!(got, vec![("10.0.0.5", 8443), ("fd00::5", 0)]);
 
     // Nothing to advertise: nothing sent.
-    let (fake, mut seen) = Fake::new();
+    let (fake, mut seen) = FakeDiscovery::new();
     let server = serve_as_operator(&fake, &ca).await;
     let _agent = Agent::start(&ca, server.addr);
     let (workload, _) = expect_subscribe(&mut seen).await;
@@ -587,13 +450,13 @@ async fn the_subscription_advertises_our_mesh_endpoints() {
 #[tokio::test]
 async fn destinations_are_applied_without_an_answer_and_policies_still_acked() {
     let ca = TestCa::new("mesh root");
-    let (fake, mut seen) = Fake::new();
+    let (fake, mut seen) = FakeDiscovery::new();
     let server = serve_as_operator(&fake, &ca).await;
     let agent = Agent::start(&ca, server.addr);
     expect_subscribe(&mut seen).await;
     agent.wait_status("connected", |s| s.connected).await;
 
-    fake.push_destinations(mesh("d1", &[("10.0.0.5/32", 8443, ORDERS)]));
+    fake.push_destinations(mesh_destinations("d1", &[("10.0.0.5/32", 8443, ORDERS)]));
     agent.wait_destinations("d1").await;
     let current = agent.destinations.current();
     assert_eq!(
@@ -610,7 +473,7 @@ async fn destinations_are_applied_without_an_answer_and_policies_still_acked() {
     assert_eq!((s.acks, s.nacks), (1, 0));
 
     // A new table replaces the whole previous one; still no answer.
-    fake.push_destinations(mesh("d2", &[("10.0.0.6/32", 0, "*")]));
+    fake.push_destinations(mesh_destinations("d2", &[("10.0.0.6/32", 0, "*")]));
     agent.wait_destinations("d2").await;
     let current = agent.destinations.current();
     assert_eq!(current.table.lookup(ip("10.0.0.5"), 8443), None);
@@ -633,9 +496,9 @@ async fn destinations_are_applied_without_an_answer_and_policies_still_acked() {
 #[tokio::test]
 async fn garbage_destinations_are_skipped_and_the_valid_ones_apply() {
     let ca = TestCa::new("mesh root");
-    let (fake, mut seen) = Fake::new();
+    let (fake, mut seen) = FakeDiscovery::new();
     fake.push(policy("v1", &["/orders"]));
-    fake.push_destinations(mesh(
+    fake.push_destinations(mesh_destinations(
         "d1",
         &[
             ("10.0.0.5/32", 8443, ORDERS),
@@ -712,7 +575,7 @@ impl Identity for CertifyAsWeb {
 
 /// Identity and Discovery on one TLS port, as the operator serves them
 /// (client certificates optional: the first Certify has none).
-async fn serve_operator(fake: &Arc<Fake>, ca: &Arc<TestCa>) -> SocketAddr {
+async fn serve_operator(fake: &Arc<FakeDiscovery>, ca: &Arc<TestCa>) -> SocketAddr {
     let tls = server_tls(ca, OPERATOR).client_auth_optional(true);
     let incoming = TcpIncoming::bind("127.0.0.1:0".parse().unwrap()).expect("bind");
     let addr = incoming.local_addr().expect("local addr");
@@ -720,7 +583,7 @@ async fn serve_operator(fake: &Arc<Fake>, ca: &Arc<TestCa>) -> SocketAddr {
         .tls_config(tls)
         .expect("tls config")
         .add_service(IdentityServer::new(CertifyAsWeb(ca.clone())))
-        .add_service(DiscoveryServer::new(Svc(fake.clone())))
+        .add_service(DiscoveryServer::new(DiscoverySvc(fake.clone())))
         .serve_with_incoming(incoming);
     tokio::spawn(server);
     addr
@@ -753,8 +616,8 @@ async fn the_sidecar_advertises_its_endpoint_and_pins_from_discovery() {
     .await;
     let network = format!("{}/32", orders.addr.ip());
     let port = u32::from(orders.addr.port());
-    let (fake, mut seen) = Fake::new();
-    fake.push_destinations(mesh("d1", &[(network.as_str(), port, ORDERS)]));
+    let (fake, mut seen) = FakeDiscovery::new();
+    fake.push_destinations(mesh_destinations("d1", &[(network.as_str(), port, ORDERS)]));
     let operator = serve_operator(&fake, &ca).await;
 
     let dir = tempfile::tempdir().unwrap();
@@ -802,7 +665,7 @@ async fn the_sidecar_advertises_its_endpoint_and_pins_from_discovery() {
     assert!(orders.next().await.is_ok());
 
     // Discovery now says payments is there: the next connection is refused.
-    fake.push_destinations(mesh(
+    fake.push_destinations(mesh_destinations(
         "d2",
         &[(
             network.as_str(),

@@ -34,9 +34,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::backend::Http;
+use common::discovery::{FakeDiscovery, Seen, mesh_destinations};
 use common::inbound::mesh_policy;
 use common::netns::{Netns, run};
-use common::operator::{FakeDiscovery, FakeOperator, mesh_destinations};
+use common::operator::FakeOperator;
 use common::outbound::{
     SeenHeaders, assert_one_request_from_web_at_orders, read_until, recording_app,
 };
@@ -359,7 +360,7 @@ async fn transparent_mode_meshes_what_discovery_pins() {
 
     // The operator listens on pod A's loopback: A's agent (UID 2137) reaches
     // it uncaptured. Its first table does not cover B.
-    let discovery = FakeDiscovery::new();
+    let (discovery, mut heard) = FakeDiscovery::new();
     let b_net = format!("{POD_B}/32");
     discovery.push_destinations(mesh_destinations("d0", &[("10.79.0.99/32", 0, ORDERS)]));
     let operator = op.serve_with_discovery(&discovery, pod_a.listen("127.0.0.1:0"));
@@ -439,7 +440,11 @@ async fn transparent_mode_meshes_what_discovery_pins() {
         .await;
     assert_eq!(seen.lock().len(), 1, "B's app saw the mis-pinned request");
     // One stream throughout: the pushes were live, not a reconnect's replay.
-    assert_eq!(*discovery.subscribes.lock(), 1);
+    let mut subscribes = 0;
+    while let Ok(event) = heard.try_recv() {
+        subscribes += usize::from(matches!(event, Seen::Subscribe { .. }));
+    }
+    assert_eq!(subscribes, 1);
     drop(agent_a);
     drop(agent_b);
 }

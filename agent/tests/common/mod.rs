@@ -3,6 +3,7 @@
 #![allow(dead_code)] // each test binary uses a different subset
 
 pub mod backend;
+pub mod discovery;
 pub mod inbound;
 pub mod netns;
 pub mod operator;

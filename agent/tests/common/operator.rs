@@ -1,7 +1,7 @@
 //! A test double of the operator's identity service: a real tonic server over
 //! TLS that signs CSRs with an rcgen CA, for the identity the token names;
 //! optionally with a minimal `Discovery` next to it that pushes mesh
-//! destination tables (`FakeDiscovery`).
+//! destination tables ([`FakeDiscovery`]).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -9,22 +9,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
-use palisade_proto::discovery::v1::discovery_server::{Discovery, DiscoveryServer};
-use palisade_proto::discovery::v1::watch_request::Kind;
-use palisade_proto::discovery::v1::{
-    MeshDestination, MeshDestinations, WatchRequest, WatchResponse,
-};
+use palisade_proto::discovery::v1::discovery_server::DiscoveryServer;
 use palisade_proto::identity::v1::identity_server::{Identity, IdentityServer};
 use palisade_proto::identity::v1::{CertifyRequest, CertifyResponse};
 use parking_lot::Mutex;
 use rcgen::{CertificateParams, CertificateSigningRequestParams, SanType, SerialNumber};
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
-use tonic::codegen::tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Server, ServerTlsConfig};
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Request, Response, Status};
 
+use super::discovery::{DiscoverySvc, FakeDiscovery};
 use super::{Leaf, OPERATOR, TestCa};
 
 /// What the fake does wrong, when asked to.
@@ -121,93 +116,6 @@ impl FakeOperator {
             .serve_with_incoming(incoming);
         tokio::spawn(server);
         addr
-    }
-}
-
-/// `MeshDestinations` `version` with `(network, port, spiffe_id)` entries.
-pub fn mesh_destinations(version: &str, entries: &[(&str, u32, &str)]) -> MeshDestinations {
-    MeshDestinations {
-        version: version.into(),
-        destinations: entries
-            .iter()
-            .map(|(network, port, id)| MeshDestination {
-                network: (*network).into(),
-                port: *port,
-                spiffe_id: (*id).into(),
-            })
-            .collect(),
-    }
-}
-
-/// The operator's `Discovery.Watch`, reduced to mesh destinations: every
-/// stream gets the current table on subscribe (if any), then each new one.
-/// It never pushes a policy; ACKs and NACKs are read and ignored.
-pub struct FakeDiscovery {
-    destinations: watch::Sender<Option<MeshDestinations>>,
-    /// Subscriptions seen so far.
-    pub subscribes: Mutex<u32>,
-}
-
-impl FakeDiscovery {
-    pub fn new() -> Arc<Self> {
-        Arc::new(Self {
-            destinations: watch::channel(None).0,
-            subscribes: Mutex::new(0),
-        })
-    }
-
-    /// Replaces the table every stream is pushed.
-    pub fn push_destinations(&self, destinations: MeshDestinations) {
-        self.destinations.send_replace(Some(destinations));
-    }
-}
-
-struct DiscoverySvc(Arc<FakeDiscovery>);
-
-#[tonic::async_trait]
-impl Discovery for DiscoverySvc {
-    type WatchStream = ReceiverStream<Result<WatchResponse, Status>>;
-
-    async fn watch(
-        &self,
-        request: Request<Streaming<WatchRequest>>,
-    ) -> Result<Response<Self::WatchStream>, Status> {
-        let mut inbound = request.into_inner();
-        let first = inbound
-            .message()
-            .await?
-            .ok_or_else(|| Status::invalid_argument("no subscribe"))?;
-        let Some(Kind::Subscribe(_)) = first.kind else {
-            return Err(Status::invalid_argument("subscribe first"));
-        };
-        *self.0.subscribes.lock() += 1;
-        let mut destinations = self.0.destinations.subscribe();
-        let (tx, rx) = mpsc::channel(4);
-        tokio::spawn(async move {
-            let mut next = destinations.borrow_and_update().clone();
-            loop {
-                if let Some(table) = next.take() {
-                    let push = WatchResponse {
-                        policy: None,
-                        destinations: Some(table),
-                    };
-                    if tx.send(Ok(push)).await.is_err() {
-                        return;
-                    }
-                }
-                tokio::select! {
-                    changed = destinations.changed() => {
-                        if changed.is_err() { return; }
-                        next = destinations.borrow_and_update().clone();
-                    }
-                    msg = inbound.message() => match msg {
-                        Ok(Some(_)) => {}
-                        Ok(None) | Err(_) => return,
-                    },
-                }
-            }
-        });
-        Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
 
