@@ -37,6 +37,19 @@ pub fn media_type(content_type: &str) -> Option<Cow<'_, str>> {
     }
 }
 
+/// `application/json` or any `+json` structured syntax suffix (RFC 6839),
+/// given a media type from [`media_type`].
+pub fn is_json_media_type(media_type: &str) -> bool {
+    media_type == "application/json" || media_type.ends_with("+json")
+}
+
+/// Whether a `Content-Type` value (or its absence) names JSON.
+pub fn is_json_content_type(content_type: Option<&str>) -> bool {
+    content_type
+        .and_then(media_type)
+        .is_some_and(|m| is_json_media_type(&m))
+}
+
 /// True when `content_type` (the request's header, `None` if absent) is one of
 /// `allowed` (lower-case media types; `type/*` and `*/*` wildcards allowed).
 ///

@@ -77,7 +77,10 @@ pub fn selects(policy: &ApiSecurityPolicy, workload: &Workload) -> bool {
             .is_none_or(|s| selector_matches(s, &workload.labels))
         && (policy.spec.ports.is_empty()
             || workload.ports.is_empty()
-            || policy.spec.ports.iter().any(|p| workload.ports.contains(p)))
+            || policy
+                .spec
+                .port_numbers()
+                .any(|p| workload.ports.contains(&p)))
 }
 
 /// Kubernetes label selector semantics: every `matchLabels` pair and every
@@ -119,8 +122,45 @@ pub fn compile_workload(
     mesh: &MeshConfig,
     secrets: &dyn SecretSource,
 ) -> Result<pb::WorkloadPolicy, CompileError> {
-    let mut selected: Vec<&ApiSecurityPolicy> =
+    let selected: Vec<&ApiSecurityPolicy> =
         policies.iter().filter(|p| selects(p, workload)).collect();
+    compile_selected(selected, workload, mesh, secrets)
+}
+
+/// One policy on its own, for any workload it could select, with Secrets
+/// read as empty: what validation asks the engine about.
+pub(crate) fn compile_alone(
+    policy: &ApiSecurityPolicy,
+) -> Result<pb::WorkloadPolicy, CompileError> {
+    struct EmptySecrets;
+    impl SecretSource for EmptySecrets {
+        fn api_keys(&self, _: &str, _: &str) -> Result<Vec<(String, Vec<u8>)>, String> {
+            Ok(Vec::new())
+        }
+    }
+    let workload = Workload {
+        namespace: policy
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into()),
+        service_account: "default".into(),
+        ..Workload::default()
+    };
+    compile_selected(
+        vec![policy],
+        &workload,
+        &MeshConfig::default(),
+        &EmptySecrets,
+    )
+}
+
+fn compile_selected(
+    mut selected: Vec<&ApiSecurityPolicy>,
+    workload: &Workload,
+    mesh: &MeshConfig,
+    secrets: &dyn SecretSource,
+) -> Result<pb::WorkloadPolicy, CompileError> {
     selected.sort_by_key(|p| policy_key(p));
 
     let mut out = pb::WorkloadPolicy {
@@ -145,13 +185,15 @@ pub fn compile_workload(
     let mut trusted: BTreeSet<String> = BTreeSet::new();
     let mut api_key_header: Option<(String, String)> = None;
     let mut api_keys: Vec<pb::ApiKeyHash> = Vec::new();
-    let mut mtls = MtlsVotes::default();
+    let mut port_votes = PortVotes::default();
+    let mut http = HttpOptionVotes::default();
 
     for policy in &selected {
         let key = policy_key(policy);
         let spec = &policy.spec;
         let audit_only = spec.mode == PolicyMode::Audit;
-        let ports: Vec<u32> = spec.ports.iter().map(|&p| u32::from(p)).collect();
+        let port_numbers: Vec<u16> = spec.port_numbers().collect();
+        let ports: Vec<u32> = port_numbers.iter().map(|&p| u32::from(p)).collect();
         out.sources
             .push(format!("{key}@{}", policy.metadata.generation.unwrap_or(0)));
         let err = |message: String| CompileError::Policy {
@@ -159,10 +201,20 @@ pub fn compile_workload(
             message,
         };
 
-        if let Some(mode) = spec.mtls
-            && !audit_only
-        {
-            mtls.vote(&spec.ports, mode);
+        // Which connections are accepted, and how they are read, is
+        // enforcement: an audit-mode policy has no say in it.
+        if !audit_only {
+            if let Some(mode) = spec.mtls {
+                port_votes.vote_mtls(&port_numbers, mode);
+            }
+            for entry in &spec.ports {
+                if let Some(protocol) = entry.protocol() {
+                    port_votes.vote_protocol(entry.number(), protocol);
+                }
+            }
+            if let Some(options) = &spec.http {
+                http.vote(options);
+            }
         }
         // An audit-mode policy must not change what is enforced, and which
         // credentials are verified (and refused with 401) is enforcement.
@@ -259,9 +311,10 @@ pub fn compile_workload(
     audit.redact_headers = redact.into_iter().collect();
     out.audit = Some(audit);
     out.trusted_proxies = trusted.into_iter().collect();
-    let (default_mtls, ports) = mtls.resolve(mesh.default_mtls, &workload.ports);
+    let (default_mtls, ports) = port_votes.resolve(mesh.default_mtls, &workload.ports);
     out.default_mtls = default_mtls as i32;
     out.ports = ports;
+    out.http = http.resolve();
     out.version = content_version(&out);
     Ok(out)
 }
@@ -272,11 +325,14 @@ fn content_version(policy: &pb::WorkloadPolicy) -> String {
     hex::encode(&digest[..8])
 }
 
-/// mTLS per port: when policies disagree, `strict` wins.
+/// mTLS and protocol per port. When policies disagree, `strict` wins for
+/// mTLS and HTTP wins over `tcp` (a port is never made opaque because one
+/// policy said so while another reads HTTP on it).
 #[derive(Default)]
-struct MtlsVotes {
+struct PortVotes {
     every_port: Option<MtlsMode>,
     per_port: BTreeMap<u16, MtlsMode>,
+    protocols: BTreeMap<u16, PortProtocol>,
 }
 
 fn stricter(a: Option<MtlsMode>, b: MtlsMode) -> MtlsMode {
@@ -286,8 +342,17 @@ fn stricter(a: Option<MtlsMode>, b: MtlsMode) -> MtlsMode {
     }
 }
 
-impl MtlsVotes {
-    fn vote(&mut self, ports: &[u16], mode: MtlsMode) {
+/// HTTP over gRPC (gRPC is a kind of HTTP), both over `tcp`.
+fn wider_protocol(a: Option<PortProtocol>, b: PortProtocol) -> PortProtocol {
+    match (a, b) {
+        (Some(PortProtocol::Http), _) | (_, PortProtocol::Http) => PortProtocol::Http,
+        (Some(PortProtocol::Grpc), _) | (_, PortProtocol::Grpc) => PortProtocol::Grpc,
+        _ => PortProtocol::Tcp,
+    }
+}
+
+impl PortVotes {
+    fn vote_mtls(&mut self, ports: &[u16], mode: MtlsMode) {
         if ports.is_empty() {
             self.every_port = Some(stricter(self.every_port, mode));
         } else {
@@ -296,6 +361,12 @@ impl MtlsVotes {
                 self.per_port.insert(*p, stricter(current, mode));
             }
         }
+    }
+
+    fn vote_protocol(&mut self, port: u16, protocol: PortProtocol) {
+        let current = self.protocols.get(&port).copied();
+        self.protocols
+            .insert(port, wider_protocol(current, protocol));
     }
 
     fn resolve(
@@ -308,20 +379,68 @@ impl MtlsVotes {
             MtlsMode::Permissive => pb::MtlsMode::Permissive,
         };
         let default = self.every_port.map_or(mesh_default, to_wire);
-        let ports = self
+        let listed: BTreeSet<u16> = self
             .per_port
-            .iter()
-            .filter(|(p, _)| workload_ports.is_empty() || workload_ports.contains(p))
-            .map(|(p, m)| {
-                // A port-specific permissive cannot loosen a strict all-ports vote.
-                let mode = to_wire(stricter(self.every_port, *m));
+            .keys()
+            .chain(self.protocols.keys())
+            .copied()
+            .filter(|p| workload_ports.is_empty() || workload_ports.contains(p))
+            .collect();
+        let ports = listed
+            .into_iter()
+            .map(|p| {
+                // A port-specific permissive cannot loosen a strict all-ports
+                // vote; a port listed only for its protocol keeps the default.
+                let mtls = self
+                    .per_port
+                    .get(&p)
+                    .map_or(default, |m| to_wire(stricter(self.every_port, *m)));
+                let protocol = match self.protocols.get(&p) {
+                    None => pb::PortProtocol::Unspecified,
+                    Some(PortProtocol::Http) => pb::PortProtocol::Http,
+                    Some(PortProtocol::Grpc) => pb::PortProtocol::Grpc,
+                    Some(PortProtocol::Tcp) => pb::PortProtocol::Tcp,
+                };
                 pb::PortPolicy {
-                    port: u32::from(*p),
-                    mtls: mode as i32,
+                    port: u32::from(p),
+                    mtls: mtls as i32,
+                    protocol: protocol as i32,
                 }
             })
             .collect();
         (default, ports)
+    }
+}
+
+/// `spec.http` of every enforced policy: an opt-out holds when some policy
+/// asks for it and none insists on the strict default.
+#[derive(Default)]
+struct HttpOptionVotes {
+    path_parameters: (bool, bool),
+    underscore_headers: (bool, bool),
+}
+
+impl HttpOptionVotes {
+    fn vote(&mut self, options: &HttpOptionsSpec) {
+        match options.path_parameters {
+            Some(PathParameters::Allow) => self.path_parameters.0 = true,
+            Some(PathParameters::Reject) => self.path_parameters.1 = true,
+            None => {}
+        }
+        match options.headers_with_underscores {
+            Some(UnderscoreHeaders::Drop) => self.underscore_headers.0 = true,
+            Some(UnderscoreHeaders::Reject) => self.underscore_headers.1 = true,
+            None => {}
+        }
+    }
+
+    fn resolve(&self) -> Option<pb::HttpOptions> {
+        let holds = |(relaxed, strict): (bool, bool)| relaxed && !strict;
+        let options = pb::HttpOptions {
+            allow_path_parameters: holds(self.path_parameters),
+            drop_underscore_headers: holds(self.underscore_headers),
+        };
+        (options != pb::HttpOptions::default()).then_some(options)
     }
 }
 

@@ -53,10 +53,12 @@ pub struct ApiSecurityPolicySpec {
     /// label. Absent selects every workload in the namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<LabelSelector>,
-    /// Application ports the policy applies to. Empty: every port.
+    /// Application ports the policy applies to, each a number (`8080`) or
+    /// a number with its protocol (`{port: 5432, protocol: tcp}`). Empty:
+    /// every port.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 64), inner(range(min = 1)))]
-    pub ports: Vec<PortNumber>,
+    #[schemars(schema_with = "ports_schema")]
+    pub ports: Vec<PortSpec>,
     /// `enforce` (default) blocks; `audit` only records what it would have done.
     #[serde(default)]
     pub mode: PolicyMode,
@@ -80,10 +82,164 @@ pub struct ApiSecurityPolicySpec {
     /// What gets reported to the audit collector.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub audit: Option<AuditSpec>,
+    /// Opt-outs of the strict request checks, for apps that need them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpOptionsSpec>,
+}
+
+impl ApiSecurityPolicySpec {
+    /// The port numbers of `ports`, in order.
+    pub fn port_numbers(&self) -> impl Iterator<Item = PortNumber> + '_ {
+        self.ports.iter().map(PortSpec::number)
+    }
 }
 
 /// A TCP port number.
 pub type PortNumber = u16;
+
+/// One entry of `spec.ports`: a bare number, or a number with the port's
+/// application protocol.
+#[derive(Serialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum PortSpec {
+    Number(PortNumber),
+    Declared(DeclaredPort),
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DeclaredPort {
+    pub port: PortNumber,
+    /// Absent: HTTP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<PortProtocol>,
+}
+
+/// What a port speaks. `http` (the default) and `grpc` are proxied as HTTP
+/// with every rule; `tcp` is proxied opaquely with identity-level rules
+/// only, and only when no route gives the port HTTP rules.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum PortProtocol {
+    Http,
+    Grpc,
+    Tcp,
+}
+
+impl PortSpec {
+    pub fn number(&self) -> PortNumber {
+        match self {
+            PortSpec::Number(p) => *p,
+            PortSpec::Declared(d) => d.port,
+        }
+    }
+
+    /// The declared protocol; `None` for a bare number.
+    pub fn protocol(&self) -> Option<PortProtocol> {
+        match self {
+            PortSpec::Number(_) => None,
+            PortSpec::Declared(d) => d.protocol,
+        }
+    }
+}
+
+impl From<PortNumber> for PortSpec {
+    fn from(port: PortNumber) -> Self {
+        PortSpec::Number(port)
+    }
+}
+
+impl<'de> Deserialize<'de> for PortSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        // By hand rather than `untagged`, so a bad entry gets a message that
+        // says what is expected instead of "did not match any variant".
+        let value = serde_json::Value::deserialize(deserializer)?;
+        parse_port_entry(&value).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Reads one `spec.ports` entry, or says what is wrong with it.
+pub fn parse_port_entry(value: &serde_json::Value) -> Result<PortSpec, String> {
+    use serde_json::Value;
+    let number = |v: &Value| -> Result<PortNumber, String> {
+        v.as_u64()
+            .and_then(|n| PortNumber::try_from(n).ok())
+            .filter(|n| *n != 0)
+            .ok_or_else(|| format!("{v} is not a port number (1-65535)"))
+    };
+    match value {
+        Value::Number(_) => number(value).map(PortSpec::Number),
+        Value::Object(map) => {
+            if let Some(field) = map.keys().find(|k| *k != "port" && *k != "protocol") {
+                return Err(format!(
+                    "{field:?} is not a field of a port entry (port, protocol)"
+                ));
+            }
+            let port = map
+                .get("port")
+                .ok_or_else(|| "a port entry needs `port`".to_owned())
+                .and_then(number)?;
+            let protocol = match map.get("protocol") {
+                None => None,
+                Some(p) => Some(
+                    serde_json::from_value::<PortProtocol>(p.clone())
+                        .map_err(|_| format!("protocol {p} is not http, grpc or tcp"))?,
+                ),
+            };
+            Ok(PortSpec::Declared(DeclaredPort { port, protocol }))
+        }
+        other => Err(format!(
+            "{other} is not a port number or {{port, protocol}}"
+        )),
+    }
+}
+
+/// `spec.ports`: integers or `{port, protocol}` objects. A structural
+/// schema cannot say "integer or object", so each item preserves what it is
+/// given and Palisade's own validation ([`parse_port_entry`]) checks it.
+fn ports_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "array",
+        "maxItems": 64,
+        "items": {
+            "description": "A port number (1-65535), or {port: <number>, protocol: http | grpc | tcp}. Default protocol: http.",
+            "x-kubernetes-preserve-unknown-fields": true,
+        },
+    })
+}
+
+/// Opt-outs of the strict defaults of request handling. Where several
+/// policies select a workload, an opt-out holds only if no policy sets the
+/// strict value explicitly.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpOptionsSpec {
+    /// `reject` (default): a path containing `;` is refused with 400, since
+    /// Java-style back ends strip `;` parameters before routing and would
+    /// serve a different path than policy matched. `allow`: `;` is matched
+    /// as part of its segment (still refused in `.;` and `..;` segments).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_parameters: Option<PathParameters>,
+    /// `reject` (default): a header name containing `_` is refused with 400
+    /// (CGI-style back ends read `x_user` as `X-User`). `drop`: such headers
+    /// are removed before anything reads them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headers_with_underscores: Option<UnderscoreHeaders>,
+}
+
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum PathParameters {
+    Reject,
+    Allow,
+}
+
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum UnderscoreHeaders {
+    Reject,
+    Drop,
+}
 
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]

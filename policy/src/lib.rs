@@ -13,6 +13,7 @@ pub mod masking;
 pub mod normalize;
 pub mod path_index;
 pub mod ratelimit;
+pub mod request_shape;
 pub mod spiffe_cert;
 
 #[cfg(feature = "crd")]

@@ -13,6 +13,12 @@ use std::borrow::Cow;
 pub struct NormalizeOptions {
     /// Keep %2F / %5C (upper-cased) instead of rejecting them. Default false: rejected.
     pub allow_encoded_slash: bool,
+    /// Accept `;` in the path, as part of its segment. Default false: a `;`
+    /// is refused, because servlet containers strip `;` parameters before
+    /// routing and would serve another path than the one policy matched.
+    /// Even when allowed, a segment that is `.` or `..` before its first `;`
+    /// (`/..;/`) is refused.
+    pub allow_path_parameters: bool,
 }
 
 /// A request target split into its canonical path and its untouched query.
@@ -45,6 +51,12 @@ pub enum PathError {
     EncodedBackslash,
     #[error("request path contains an encoded control character (%00-%1F or %7F)")]
     EncodedControl,
+    #[error("request path contains a ';' path parameter")]
+    PathParameter,
+    #[error("request path contains a dot segment with a ';' parameter ('.;' or '..;')")]
+    DotSegmentParameter,
+    #[error("percent-encoded bytes of the request path are not valid UTF-8")]
+    InvalidUtf8,
 }
 
 /// Normalizes an origin-form request target (`/path?query`).
@@ -63,8 +75,11 @@ pub fn normalize_target<'a>(
         Some(_) => return Err(PathError::NotOriginForm),
     }
     // Common case: one pass finds the path already normal and where it ends.
-    if let Some(path_len) = normal_path_len(bytes, options) {
+    if let Some((path_len, high_escapes)) = normal_path_scan(bytes, options) {
         let (path, rest) = target.split_at(path_len);
+        if high_escapes && !escapes_are_utf8(path.as_bytes()) {
+            return Err(PathError::InvalidUtf8);
+        }
         // `rest` is empty or starts with the '?' that stopped the scan.
         let query = match rest.strip_prefix('?') {
             Some(query) => Some(validate_query(query, path_len + 1)?),
@@ -85,6 +100,9 @@ pub fn normalize_target<'a>(
         None => (target, None),
     };
     let path = normalize_path_slow(path, options)?;
+    if !escapes_are_utf8(path.as_bytes()) {
+        return Err(PathError::InvalidUtf8);
+    }
     Ok(NormalizedTarget {
         path: Cow::Owned(path),
         query,
@@ -100,7 +118,37 @@ pub fn is_normalized(path: &str) -> bool {
 /// Like [`is_normalized`] but under explicit options: with
 /// `allow_encoded_slash`, `%2F` and `%5C` are acceptable.
 pub fn is_normalized_with(path: &str, options: &NormalizeOptions) -> bool {
-    normal_path_len(path.as_bytes(), options) == Some(path.len())
+    normal_path_scan(path.as_bytes(), options).is_some_and(|(len, high)| {
+        len == path.len() && (!high || escapes_are_utf8(path.as_bytes()))
+    })
+}
+
+/// Whether the bytes the path's escapes stand for are valid UTF-8 (no
+/// overlong forms such as `%C0%AE` for `.`, no lone continuation bytes):
+/// a lenient decoder behind the agent must not read a character the policy
+/// never saw. Raw bytes are ASCII here (anything else was refused).
+fn escapes_are_utf8(path: &[u8]) -> bool {
+    if !path.contains(&b'%') {
+        return true;
+    }
+    let mut decoded: smallvec::SmallVec<[u8; 128]> = smallvec::SmallVec::new();
+    let mut i = 0;
+    while i < path.len() {
+        let b = path[i];
+        if b == b'%'
+            && let (Some(hi), Some(lo)) = (
+                path.get(i + 1).copied().and_then(hex_value),
+                path.get(i + 2).copied().and_then(hex_value),
+            )
+        {
+            decoded.push((hi << 4) | lo);
+            i += 3;
+        } else {
+            decoded.push(b);
+            i += 1;
+        }
+    }
+    std::str::from_utf8(&decoded).is_ok()
 }
 
 // ---------------------------------------------------------------------------
@@ -149,7 +197,7 @@ const fn build_classes() -> [u8; 256] {
         if c > 0x20 && c < 0x7F && c != b'#' {
             flags |= QUERY_RAW;
         }
-        if flags & PATH_RAW != 0 && c != b'/' && c != b'%' {
+        if flags & PATH_RAW != 0 && c != b'/' && c != b'%' && c != b';' {
             flags |= PATH_PLAIN;
         }
         table[i] = flags;
@@ -229,14 +277,16 @@ fn is_empty_or_dot(segment: &[u8]) -> bool {
 
 /// Single pass answering "is the path part of this target exactly what the
 /// slow path would produce?". Returns the path's length (the scan stops at
-/// '?') when it is; any doubt, including an error, answers `None` and lets the
-/// slow path decide.
-fn normal_path_len(bytes: &[u8], options: &NormalizeOptions) -> Option<usize> {
+/// '?') when it is, and whether it holds escapes of non-ASCII bytes (to be
+/// checked for UTF-8); any doubt, including an error, answers `None` and lets
+/// the slow path decide.
+fn normal_path_scan(bytes: &[u8], options: &NormalizeOptions) -> Option<(usize, bool)> {
     if bytes.first() != Some(&b'/') {
         return None;
     }
     let mut segment_start = 1;
     let mut i = 1;
+    let mut high_escapes = false;
     loop {
         while bytes
             .get(i)
@@ -257,18 +307,27 @@ fn normal_path_len(bytes: &[u8], options: &NormalizeOptions) -> Option<usize> {
                 match classify_escape(bytes, i, options) {
                     Ok(Escape::Keep(value))
                         if bytes[i + 1] == UPPER_HEX[usize::from(value >> 4)]
-                            && bytes[i + 2] == UPPER_HEX[usize::from(value & 0xF)] => {}
+                            && bytes[i + 2] == UPPER_HEX[usize::from(value & 0xF)] =>
+                    {
+                        high_escapes |= value >= 0x80;
+                    }
                     _ => return None,
                 }
                 i += 3;
             }
+            Some(b';')
+                if options.allow_path_parameters && !is_empty_or_dot(&bytes[segment_start..i]) =>
+            {
+                i += 1;
+            }
+            // A refused parameter, or any other doubt: the slow path decides.
             Some(_) => return None,
         }
     }
     // An empty final segment is a preserved trailing slash; dots are not.
     match &bytes[segment_start..i] {
         b"." | b".." => None,
-        _ => Some(i),
+        _ => Some((i, high_escapes)),
     }
 }
 
@@ -301,6 +360,16 @@ fn normalize_path_slow(path: &str, options: &NormalizeOptions) -> Result<String,
                 i = run;
             } else if b == b'/' {
                 break;
+            } else if b == b';' {
+                if !options.allow_path_parameters {
+                    return Err(PathError::PathParameter);
+                }
+                // `.;x` and `..;x` are dot segments to a servlet container.
+                if matches!(&out.as_bytes()[segment_start + 1..], b"." | b"..") {
+                    return Err(PathError::DotSegmentParameter);
+                }
+                out.push(';');
+                i += 1;
             } else if b == b'%' {
                 match classify_escape(bytes, i, options)? {
                     Escape::Decode(c) => out.push(char::from(c)),
@@ -352,9 +421,15 @@ mod tests {
 
     const STRICT: NormalizeOptions = NormalizeOptions {
         allow_encoded_slash: false,
+        allow_path_parameters: false,
     };
     const LENIENT: NormalizeOptions = NormalizeOptions {
         allow_encoded_slash: true,
+        allow_path_parameters: false,
+    };
+    const PARAMS: NormalizeOptions = NormalizeOptions {
+        allow_encoded_slash: false,
+        allow_path_parameters: true,
     };
 
     fn norm(target: &str) -> Result<String, PathError> {
@@ -551,8 +626,74 @@ mod tests {
 
     #[test]
     fn all_allowed_raw_bytes_pass_untouched() {
-        let p = "/azAZ09-._~!$&'()*+,;=:@/x";
+        let p = "/azAZ09-._~!$&'()*+,=:@/x";
         assert_eq!(ok(p), p);
+        let with_params = "/azAZ09-._~!$&'()*+,;=:@/x";
+        let n = normalize_target(with_params, &PARAMS).map(|t| t.path.into_owned());
+        assert_eq!(n, Ok(with_params.to_owned()));
+    }
+
+    #[test]
+    fn path_parameters_are_refused_by_default() {
+        // A servlet container strips `;…` per segment before routing: these
+        // are `/admin/secret` and `/admin` to it, so policy must not see
+        // `admin;x` or `public/..;` as other paths.
+        assert_eq!(norm("/admin;x/secret"), Err(PathError::PathParameter));
+        assert_eq!(norm("/public/..;/admin"), Err(PathError::PathParameter));
+        assert_eq!(norm("/a;jsessionid=1"), Err(PathError::PathParameter));
+        assert_eq!(norm("/;"), Err(PathError::PathParameter));
+        // An encoded `;` is data, not a parameter, to every back end.
+        assert_eq!(ok("/a%3Bb"), "/a%3Bb");
+        assert_eq!(ok("/a%3bb"), "/a%3Bb");
+        assert_eq!(ok("/a?x=1;y=2"), "/a");
+        assert!(!is_normalized("/a;b"));
+    }
+
+    #[test]
+    fn allowed_path_parameters_keep_their_segment_but_never_a_dot_segment() {
+        let n = |t| normalize_target(t, &PARAMS).map(|t| t.path.into_owned());
+        assert_eq!(
+            n("/app;jsessionid=1/x"),
+            Ok("/app;jsessionid=1/x".to_owned())
+        );
+        assert_eq!(n("/a;b;c"), Ok("/a;b;c".to_owned()));
+        assert_eq!(n("/a;x/../b"), Ok("/b".to_owned()));
+        assert_eq!(n("/public/..;/admin"), Err(PathError::DotSegmentParameter));
+        assert_eq!(n("/public/.;/admin"), Err(PathError::DotSegmentParameter));
+        assert_eq!(
+            n("/public/%2e%2e;x/admin"),
+            Err(PathError::DotSegmentParameter)
+        );
+        assert_eq!(n("/public/..;"), Err(PathError::DotSegmentParameter));
+        assert_eq!(n("/a/.x;/b"), Ok("/a/.x;/b".to_owned()));
+        assert!(is_normalized_with("/a;b", &PARAMS));
+        assert!(!is_normalized_with("/..;b", &PARAMS));
+        assert!(matches!(
+            normalize_target("/a;b/c", &PARAMS).map(|t| t.path),
+            Ok(Cow::Borrowed(_))
+        ));
+    }
+
+    #[test]
+    fn escapes_must_decode_to_utf8() {
+        // Overlong forms of `.` and `/` that lenient decoders accept.
+        assert_eq!(norm("/%C0%AE%C0%AE/admin"), Err(PathError::InvalidUtf8));
+        assert_eq!(norm("/a/%c0%af/b"), Err(PathError::InvalidUtf8));
+        assert_eq!(norm("/%E0%80%AE"), Err(PathError::InvalidUtf8));
+        // A lone continuation byte, a truncated sequence, a surrogate.
+        assert_eq!(norm("/%80"), Err(PathError::InvalidUtf8));
+        assert_eq!(norm("/%C3"), Err(PathError::InvalidUtf8));
+        assert_eq!(norm("/%C3x%A9"), Err(PathError::InvalidUtf8));
+        assert_eq!(norm("/%ED%A0%80"), Err(PathError::InvalidUtf8));
+        assert_eq!(norm("/x/../%FF"), Err(PathError::InvalidUtf8));
+        // Real UTF-8 passes, on the fast and the slow path.
+        assert_eq!(ok("/caf%C3%A9"), "/caf%C3%A9");
+        assert_eq!(ok("/x/../caf%c3%a9"), "/caf%C3%A9");
+        assert_eq!(ok("/%F0%9F%98%80"), "/%F0%9F%98%80");
+        assert!(!is_normalized("/%C0%AE"));
+        assert!(is_normalized("/caf%C3%A9"));
+        // The query takes no part in matching and is not decoded.
+        assert_eq!(ok("/a?x=%C0%AE"), "/a");
     }
 
     #[test]
@@ -696,7 +837,7 @@ mod tests {
 
     fn segment() -> impl Strategy<Value = String> {
         // Unreserved plus a few sub-delims; never a bare dot segment.
-        "[a-zA-Z0-9._~!$&'()*+,;=:@-]{1,8}"
+        "[a-zA-Z0-9._~!$&'()*+,=:@-]{1,8}"
             .prop_filter("not a dot segment", |s| s != "." && s != "..")
     }
 
@@ -810,8 +951,15 @@ mod tests {
         }
 
         #[test]
-        fn never_panics_on_arbitrary_input(target in any::<String>(), lenient in any::<bool>()) {
-            let options = NormalizeOptions { allow_encoded_slash: lenient };
+        fn never_panics_on_arbitrary_input(
+            target in any::<String>(),
+            lenient in any::<bool>(),
+            params in any::<bool>(),
+        ) {
+            let options = NormalizeOptions {
+                allow_encoded_slash: lenient,
+                allow_path_parameters: params,
+            };
             let _ = normalize_target(&target, &options);
             let _ = is_normalized(&target);
         }

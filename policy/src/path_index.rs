@@ -301,11 +301,13 @@ impl<T> PathIndex<T> {
     }
 }
 
-/// Patterns may contain `%2F`/`%5C` so that listeners running with
-/// `allow_encoded_slash` can route on them; under default options no request
-/// path contains them, so such a pattern simply never matches.
+/// Patterns may contain `%2F`/`%5C` and `;` so that listeners running with
+/// `allow_encoded_slash` or `allow_path_parameters` can route on them; under
+/// default options no request path contains them, so such a pattern simply
+/// never matches.
 const PATTERN_OPTIONS: NormalizeOptions = NormalizeOptions {
     allow_encoded_slash: true,
+    allow_path_parameters: true,
 };
 
 fn check_normalized(pattern: &str) -> Result<(), PatternError> {

@@ -88,12 +88,18 @@ pub fn validate_document(doc: &Value) -> Result<ApiSecurityPolicy, ValidationErr
         });
         return Err(ValidationErrors(errors));
     };
-    let (schema_errors, failed_pointers) = schema_check(spec);
+    let (mut schema_errors, mut failed_pointers) = schema_check(spec);
+    let (port_errors, port_pointers) = port_entry_check(spec);
+    schema_errors.extend(port_errors);
+    failed_pointers.extend(port_pointers);
     let mut typed = None;
     if failed_pointers.is_empty() {
         match serde_json::from_value::<ApiSecurityPolicy>(doc.clone()) {
             Ok(policy) => {
                 errors.extend(validate_spec(&policy.spec));
+                if errors.is_empty() {
+                    errors.extend(check_declared_protocols(&policy));
+                }
                 typed = Some(policy);
             }
             Err(e) => errors.push(FieldError {
@@ -289,6 +295,71 @@ fn schema_check(spec: &Value) -> (Vec<FieldError>, Vec<String>) {
     (errors, pointers)
 }
 
+/// `spec.ports` items, which the CRD schema leaves free (a structural schema
+/// cannot say "integer or object"): each must be a port number or
+/// `{port, protocol}`.
+fn port_entry_check(spec: &Value) -> (Vec<FieldError>, Vec<String>) {
+    let mut errors = Vec::new();
+    let mut pointers = Vec::new();
+    for (i, entry) in spec
+        .get("ports")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        if let Err(message) = parse_port_entry(entry) {
+            errors.push(FieldError {
+                path: format!("spec.ports[{i}]"),
+                message,
+            });
+            pointers.push(format!("/ports/{i}"));
+        }
+    }
+    (errors, pointers)
+}
+
+/// A port declared `tcp` must not be given HTTP rules by the same policy:
+/// the agent would treat it as HTTP (never opaque with rules switched off),
+/// which is not what the author declared. The engine decides what makes a
+/// port HTTP, so the policy is compiled alone and asked.
+fn check_declared_protocols(policy: &ApiSecurityPolicy) -> Vec<FieldError> {
+    let declared: Vec<(usize, u16)> = policy
+        .spec
+        .ports
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| p.protocol() == Some(PortProtocol::Tcp))
+        .map(|(i, p)| (i, p.number()))
+        .collect();
+    if declared.is_empty() || policy.spec.mode == PolicyMode::Audit {
+        return Vec::new();
+    }
+    let Ok(wire) = crate::compile::compile_alone(policy) else {
+        // Compilation problems are reported by compilation itself.
+        return Vec::new();
+    };
+    let Ok(engine) = crate::engine::PolicyEngine::load(wire) else {
+        return Vec::new();
+    };
+    declared
+        .into_iter()
+        .filter_map(|(i, port)| {
+            let route = engine.http_route_for(port)?;
+            Some(FieldError {
+                path: format!("spec.ports[{i}].protocol"),
+                message: format!(
+                    "port {port} is declared tcp, but route {route} gives it HTTP rules \
+                     (a path, method, header or host match, a limit, body or response rules, \
+                     or a rule on claims, API keys or request attributes); such a port is \
+                     served as HTTP. Declare it http, or give the HTTP routes their own policy \
+                     for the other ports"
+                ),
+            })
+        })
+        .collect()
+}
+
 /// Plain words for the patterns the CRD uses.
 fn pattern_message(pattern: &str) -> Option<&'static str> {
     Some(match pattern {
@@ -344,10 +415,10 @@ impl Checker {
 pub fn validate_spec(spec: &ApiSecurityPolicySpec) -> Vec<FieldError> {
     let mut c = Checker { errors: Vec::new() };
     let mut seen_ports = HashSet::new();
-    for (i, p) in spec.ports.iter().enumerate() {
-        if *p == 0 {
+    for (i, p) in spec.port_numbers().enumerate() {
+        if p == 0 {
             c.error(format!("spec.ports[{i}]"), "0 is not a port");
-        } else if !seen_ports.insert(*p) {
+        } else if !seen_ports.insert(p) {
             c.error(format!("spec.ports[{i}]"), format!("{p} is listed twice"));
         }
     }

@@ -12,6 +12,7 @@ use palisade_policy::compile::{MeshConfig, NoSecrets, Workload, compile_workload
 use palisade_policy::crd::ApiSecurityPolicy;
 use palisade_policy::engine::{Decision, PolicyEngine, Request, RequestTime, Verdict};
 use palisade_policy::identity::SpiffeId;
+use palisade_policy::request_shape;
 use serde_json::{Value, json};
 
 /// Which workload the policies are compiled for.
@@ -145,6 +146,37 @@ pub fn run(args: &SimulateArgs) -> anyhow::Result<ExitCode> {
             .and_then(|h| h.to_str().ok())
             .map(String::from)
     });
+    // The agent refuses ambiguous requests before any rule sees them. The
+    // request is read as HTTP/2 would carry it: --host is its authority.
+    let shape = request_shape::check(
+        &request_shape::Head {
+            method: &method,
+            version: http::Version::HTTP_2,
+            authority: args.host.as_deref(),
+            ambiguous_framing: false,
+        },
+        &mut headers,
+        &request_shape::ShapeOptions {
+            drop_underscore_headers: engine.drop_underscore_headers(),
+            upgrade_protocols: &["websocket"],
+        },
+    );
+    if let Err(refused) = shape {
+        let mut report = json!({
+            "decision": "deny",
+            "status": 400,
+            "reason": refused.code(),
+            "rule": null,
+            "policyVersion": engine.version(),
+        });
+        report["detail"] = json!(refused.to_string());
+        match args.output {
+            Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+            Output::Text => print_text(&report),
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let has_body = Request::headers_announce_body(&headers);
     let mut admitted = 0;
     let mut last = None;
     for i in 0..args.repeat.max(1) {
@@ -159,6 +191,7 @@ pub fn run(args: &SimulateArgs) -> anyhow::Result<ExitCode> {
             jwt_claims: claims.as_ref(),
             api_key_client: args.api_key_client.as_deref(),
             credential_error: None,
+            has_body,
             // Requests of a --repeat run arrive 1 ms apart.
             time: RequestTime {
                 unix_seconds,

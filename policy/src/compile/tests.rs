@@ -206,3 +206,84 @@ fn label_selectors_follow_kubernetes_semantics() {
     };
     assert!(!selector_matches(&ml, &labels));
 }
+
+#[test]
+fn declared_protocols_and_http_opt_outs_are_merged_strictly() {
+    let yaml = r#"
+apiVersion: palisade.dev/v1alpha1
+kind: ApiSecurityPolicy
+metadata: {name: db, namespace: shop}
+spec:
+  mtls: permissive
+  ports: [{port: 5432, protocol: tcp}, {port: 6379, protocol: tcp}, 8080]
+  http: {pathParameters: allow, headersWithUnderscores: drop}
+---
+apiVersion: palisade.dev/v1alpha1
+kind: ApiSecurityPolicy
+metadata: {name: api, namespace: shop}
+spec:
+  ports: [{port: 6379, protocol: http}]
+  http: {headersWithUnderscores: reject}
+---
+apiVersion: palisade.dev/v1alpha1
+kind: ApiSecurityPolicy
+metadata: {name: shadow, namespace: shop}
+spec:
+  mode: audit
+  ports: [{port: 7000, protocol: tcp}]
+  http: {pathParameters: reject}
+"#;
+    let mut w = workload(&[]);
+    w.ports = vec![];
+    let out = compile_workload(&policies(yaml), &w, &MeshConfig::default(), &NoSecrets).unwrap();
+    let ports: Vec<_> = out
+        .ports
+        .iter()
+        .map(|p| {
+            (
+                p.port,
+                pb::MtlsMode::try_from(p.mtls).unwrap(),
+                pb::PortProtocol::try_from(p.protocol).unwrap(),
+            )
+        })
+        .collect();
+    // HTTP wins over tcp; an audit-mode policy declares nothing; the
+    // permissive ports keep their mTLS mode.
+    assert_eq!(
+        ports,
+        [
+            (5432, pb::MtlsMode::Permissive, pb::PortProtocol::Tcp),
+            (6379, pb::MtlsMode::Permissive, pb::PortProtocol::Http),
+            (
+                8080,
+                pb::MtlsMode::Permissive,
+                pb::PortProtocol::Unspecified
+            ),
+        ]
+    );
+    // An opt-out holds unless another enforced policy insists on the strict
+    // value; the audit-mode policy's says nothing.
+    assert_eq!(
+        out.http,
+        Some(pb::HttpOptions {
+            allow_path_parameters: true,
+            drop_underscore_headers: false,
+        })
+    );
+
+    // A port listed only for its protocol keeps the mesh default mTLS.
+    let yaml = r#"
+apiVersion: palisade.dev/v1alpha1
+kind: ApiSecurityPolicy
+metadata: {name: db, namespace: shop}
+spec:
+  ports: [{port: 5432, protocol: tcp}]
+"#;
+    let mesh = MeshConfig {
+        default_mtls: pb::MtlsMode::Permissive,
+        ..MeshConfig::default()
+    };
+    let out = compile_workload(&policies(yaml), &w, &mesh, &NoSecrets).unwrap();
+    assert_eq!(out.ports[0].mtls, pb::MtlsMode::Permissive as i32);
+    assert_eq!(out.http, None);
+}

@@ -10,7 +10,7 @@ use smallvec::SmallVec;
 
 use super::LoadError;
 use super::request::Request;
-use crate::identity::principal_matches;
+use crate::identity::{SpiffeId, principal_matches};
 
 /// Everything a rule may look at, gathered once per request.
 pub(crate) struct MatchContext<'a> {
@@ -118,7 +118,31 @@ fn compile_claims(claims: &[pb::ClaimMatch]) -> Vec<ClaimMatch> {
         .collect()
 }
 
+/// Which credentials a rule can be satisfied with (for 401 versus 403).
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Credentials {
+    pub jwt: bool,
+    pub api_key: bool,
+    /// A mesh identity (principals, namespaces).
+    pub peer: bool,
+}
+
 impl CompiledRole {
+    /// Holding the role can depend on the request, not only on the peer
+    /// (claims, API-key clients).
+    fn needs_request(&self) -> bool {
+        !self.claims.is_empty() || !self.api_key_clients.is_empty()
+    }
+
+    /// Whether a peer holds the role on identity alone.
+    fn held_by_peer(&self, peer: Option<&SpiffeId>) -> bool {
+        let Some(id) = peer else { return false };
+        self.principals
+            .iter()
+            .any(|p| principal_matches(p, id.as_str()))
+            || self.namespaces.iter().any(|ns| id.namespace() == &**ns)
+    }
+
     pub fn compile(role: &pb::Role) -> Self {
         Self {
             principals: boxed(&role.principals),
@@ -175,6 +199,73 @@ impl CompiledRule {
             source_cidrs,
             conditions,
         })
+    }
+
+    /// The rule looks at more than the connection: claims, API keys, headers,
+    /// the method or the time (directly or through a role). Such a rule
+    /// makes its port HTTP.
+    pub fn needs_request(&self, roles: &[CompiledRole]) -> bool {
+        !self.api_key_clients.is_empty()
+            || !self.claims.is_empty()
+            || !self.conditions.is_empty()
+            || self
+                .roles
+                .iter()
+                .any(|&r| roles[r as usize].needs_request())
+    }
+
+    /// What presenting a credential could satisfy in this rule.
+    pub fn credentials(&self, roles: &[CompiledRole]) -> Credentials {
+        let mut c = Credentials {
+            jwt: !self.claims.is_empty()
+                || self
+                    .conditions
+                    .iter()
+                    .any(|c| matches!(c, Condition::Claim { .. })),
+            api_key: !self.api_key_clients.is_empty(),
+            peer: !self.principals.is_empty() || !self.namespaces.is_empty(),
+        };
+        for &r in &self.roles {
+            let role = &roles[r as usize];
+            c.jwt |= !role.claims.is_empty();
+            c.api_key |= !role.api_key_clients.is_empty();
+            c.peer |= !role.principals.is_empty() || !role.namespaces.is_empty();
+        }
+        c
+    }
+
+    /// For an opaque connection, which has a peer and an address but no
+    /// request. Ports are opaque only when their rules are identity-level
+    /// ([`needs_request`](Self::needs_request) false), so this is exact for
+    /// them; a rule that needs a request never admits, and refuses when it
+    /// is a deny rule (fail closed).
+    pub fn matches_connection(
+        &self,
+        peer: Option<&SpiffeId>,
+        client_ip: IpAddr,
+        roles: &[CompiledRole],
+        polarity: Polarity,
+    ) -> bool {
+        if self.needs_request(roles) {
+            return polarity == Polarity::Deny;
+        }
+        (self.roles.is_empty()
+            || self
+                .roles
+                .iter()
+                .any(|&r| roles[r as usize].held_by_peer(peer)))
+            && (self.principals.is_empty()
+                || self
+                    .principals
+                    .iter()
+                    .any(|p| peer.is_some_and(|id| principal_matches(p, id.as_str()))))
+            && (self.namespaces.is_empty()
+                || self
+                    .namespaces
+                    .iter()
+                    .any(|ns| peer.is_some_and(|id| id.namespace() == &**ns)))
+            && (self.source_cidrs.is_empty()
+                || self.source_cidrs.iter().any(|n| n.contains(&client_ip)))
     }
 
     /// Every set field must match; within a field any entry.

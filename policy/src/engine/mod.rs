@@ -1,25 +1,32 @@
 //! The decision engine: a `WorkloadPolicy` compiled once into lookup
 //! structures, then asked about every request.
 //!
-//! Evaluation order (DESIGN §4): request sanity → client address and IP
-//! filter → mTLS requirement → path normalization → authentication result →
-//! deny rules of every matching route → allow rules of the most specific
-//! matching route that has any (or the mesh default) → sunset → rate limits of
-//! every matching route → request validation. `mode: audit` routes are
-//! evaluated in a second, shadow pass that is reported and never enforced.
+//! Evaluation order (DESIGN §4): client address and IP filter → mTLS
+//! requirement → path normalization → authentication result → deny rules of
+//! every matching route → allow rules of the most specific matching route
+//! that has any (or the mesh default) → sunset → rate limits of every
+//! matching route → request validation. `mode: audit` routes are evaluated
+//! in a second, shadow pass that is reported and never enforced. Requests
+//! are assumed to have passed [`crate::request_shape::check`] first.
+//!
+//! Opaque TCP connections have no request: [`PolicyEngine::authorize_connection`]
+//! applies the same IP filters and identity-level rules to the connection.
+//! Which ports are opaque is [`PolicyEngine::port_protocol`]: only a port
+//! declared `tcp` to which no enforced route gives HTTP rules.
 
 mod authz;
 mod client_ip;
+mod connection;
 mod request;
 mod routes;
 
 use std::net::IpAddr;
 
-use http::{Method, header};
 use ipnet::IpNet;
 use palisade_proto::policy::v1 as pb;
 use smallvec::SmallVec;
 
+pub use connection::{Connection, ConnectionDecision};
 pub use request::{Decision, RateLimitReport, Reason, Request, RequestTime, Verdict};
 pub use routes::{BodyRules, CompiledRateLimit, RateLimitKey};
 
@@ -64,21 +71,31 @@ struct CompiledIpFilter {
     deny: Vec<IpNet>,
 }
 
+/// What one application port is: its mTLS mode and declared protocol.
+#[derive(Clone, Copy, Debug)]
+struct PortSettings {
+    port: u16,
+    mtls: pb::MtlsMode,
+    protocol: pb::PortProtocol,
+}
+
 /// A loaded, enforceable `WorkloadPolicy`.
 pub struct PolicyEngine {
     version: String,
     default_action: pb::DefaultAction,
     default_mtls: pb::MtlsMode,
-    port_mtls: Vec<(u16, pb::MtlsMode)>,
+    ports: Vec<PortSettings>,
     roles: Vec<CompiledRole>,
     routes: RouteTable,
     ip_filters: Vec<CompiledIpFilter>,
     trusted_proxies: Vec<IpNet>,
-    /// JWT or API-key authentication is configured: a request without such a
-    /// credential that is refused gets 401 rather than 403.
-    end_user_authn: bool,
+    /// JWTs, API keys are verified: a refusal that such a credential could
+    /// have turned around is a 401.
+    accepts_jwt: bool,
+    accepts_api_keys: bool,
     has_audit_layer: bool,
     normalize: NormalizeOptions,
+    drop_underscore_headers: bool,
     audit: pb::AuditConfig,
     source: pb::WorkloadPolicy,
 }
@@ -96,6 +113,16 @@ impl PolicyEngine {
     /// Compiles a `WorkloadPolicy`: parses every address, schema and pointer
     /// and builds the route index, so nothing is parsed per request.
     pub fn load(policy: pb::WorkloadPolicy) -> Result<Self, LoadError> {
+        Self::load_after(policy, None)
+    }
+
+    /// [`load`](Self::load), keeping the counters of `previous`'s local rate
+    /// limits whose identity and settings did not change: a policy push must
+    /// not hand every client a fresh budget.
+    pub fn load_after(
+        policy: pb::WorkloadPolicy,
+        previous: Option<&PolicyEngine>,
+    ) -> Result<Self, LoadError> {
         let default_action = match pb::DefaultAction::try_from(policy.default_action) {
             Ok(pb::DefaultAction::Deny) => pb::DefaultAction::Deny,
             Ok(_) => pb::DefaultAction::AllAuthenticated,
@@ -112,12 +139,23 @@ impl PolicyEngine {
             Err(_) => Err(LoadError::new(format!("unknown mTLS mode {value}"))),
         };
         let default_mtls = mtls(policy.default_mtls)?;
-        let mut port_mtls = Vec::with_capacity(policy.ports.len());
+        let mut ports = Vec::with_capacity(policy.ports.len());
         for p in &policy.ports {
-            port_mtls.push((port(p.port)?, mtls(p.mtls)?));
+            ports.push(PortSettings {
+                port: port(p.port)?,
+                // A port listed only for its protocol keeps the default.
+                mtls: match p.mtls {
+                    0 => default_mtls,
+                    m => mtls(m)?,
+                },
+                protocol: pb::PortProtocol::try_from(p.protocol).map_err(|_| {
+                    LoadError::new(format!("port {}: unknown protocol {}", p.port, p.protocol))
+                })?,
+            });
         }
         let roles: Vec<CompiledRole> = policy.roles.iter().map(CompiledRole::compile).collect();
-        let routes = RouteTable::compile(&policy.routes, roles.len())?;
+        let reuse = previous.map(|p| &p.routes);
+        let routes = RouteTable::compile(&policy.routes, &roles, reuse)?;
         let mut ip_filters = Vec::with_capacity(policy.ip_filters.len());
         for f in &policy.ip_filters {
             ip_filters.push(CompiledIpFilter {
@@ -153,18 +191,24 @@ impl PolicyEngine {
             }
         }
         let has_audit_layer = routes.has_audit_routes() || ip_filters.iter().any(|f| f.audit_only);
+        let http = policy.http.clone().unwrap_or_default();
         Ok(Self {
             version: policy.version.clone(),
             default_action,
             default_mtls,
-            port_mtls,
-            end_user_authn: !policy.jwt_providers.is_empty() || api_keys.is_some(),
+            ports,
+            accepts_jwt: !policy.jwt_providers.is_empty(),
+            accepts_api_keys: api_keys.is_some(),
             roles,
             routes,
             ip_filters,
             trusted_proxies,
             has_audit_layer,
-            normalize: NormalizeOptions::default(),
+            normalize: NormalizeOptions {
+                allow_encoded_slash: false,
+                allow_path_parameters: http.allow_path_parameters,
+            },
+            drop_underscore_headers: http.drop_underscore_headers,
             audit: policy.audit.clone().unwrap_or_default(),
             source: policy,
         })
@@ -185,10 +229,49 @@ impl PolicyEngine {
 
     /// The mTLS mode of an application port.
     pub fn mtls_mode(&self, port: u16) -> pb::MtlsMode {
-        self.port_mtls
-            .iter()
-            .find(|(p, _)| *p == port)
-            .map_or(self.default_mtls, |(_, m)| *m)
+        self.port(port).map_or(self.default_mtls, |p| p.mtls)
+    }
+
+    fn port(&self, port: u16) -> Option<&PortSettings> {
+        self.ports.iter().find(|p| p.port == port)
+    }
+
+    /// What an application port speaks. A port to which an enforced route
+    /// gives HTTP rules (a path, method, header or host match, a limit, body
+    /// or response rules, a rule on claims, API keys or request attributes)
+    /// is HTTP whatever was declared: declaring `tcp` never switches rules
+    /// off. `Tcp` only for a port declared so with identity-level rules
+    /// only; `Unspecified` when nothing was declared (the agent's own
+    /// configuration decides, HTTP by default).
+    pub fn port_protocol(&self, port: u16) -> pb::PortProtocol {
+        let declared = self
+            .port(port)
+            .map_or(pb::PortProtocol::Unspecified, |p| p.protocol);
+        match declared {
+            pb::PortProtocol::Tcp | pb::PortProtocol::Unspecified
+                if self.routes.gives_http_rules(port) =>
+            {
+                pb::PortProtocol::Http
+            }
+            other => other,
+        }
+    }
+
+    /// The enforced route that makes `port` HTTP, if one does (for messages
+    /// that explain why a declared `tcp` does not hold).
+    pub fn http_route_for(&self, port: u16) -> Option<&str> {
+        self.routes.http_route_for(port)
+    }
+
+    /// The path normalization this policy asks for.
+    pub fn normalize_options(&self) -> &NormalizeOptions {
+        &self.normalize
+    }
+
+    /// Whether header fields with `_` in their name are dropped (rather
+    /// than refused) by the shape step.
+    pub fn drop_underscore_headers(&self) -> bool {
+        self.drop_underscore_headers
     }
 
     /// Decides one request.
@@ -208,10 +291,6 @@ impl PolicyEngine {
             body: None,
             response_mask: None,
         };
-        if let Some(verdict) = self.check_request_shape(request) {
-            decision.verdict = verdict;
-            return decision;
-        }
         let enforced_filter = self.ip_filter(request.port, client_ip, Layer::Enforced);
         let shadow_filter = self
             .has_audit_layer
@@ -227,8 +306,8 @@ impl PolicyEngine {
         }
         let target = match normalize_target(request.target, &self.normalize) {
             Ok(t) => t,
-            Err(_) => {
-                decision.verdict = Verdict::deny(400, Reason::InvalidPath, None);
+            Err(e) => {
+                decision.verdict = Verdict::deny(400, Reason::invalid_path(&e), None);
                 return decision;
             }
         };
@@ -265,30 +344,51 @@ impl PolicyEngine {
         decision
     }
 
-    /// Refuses requests whose meaning is ambiguous rather than guessing.
-    fn check_request_shape(&self, request: &Request<'_>) -> Option<Verdict<'_>> {
-        let known_method = matches!(
-            *request.method,
-            Method::GET
-                | Method::HEAD
-                | Method::POST
-                | Method::PUT
-                | Method::DELETE
-                | Method::PATCH
-                | Method::OPTIONS
-                | Method::TRACE
-                | Method::CONNECT
-        );
-        let headers = request.headers;
-        let ambiguous = headers.get_all(header::HOST).iter().nth(1).is_some()
-            || headers
-                .get_all(header::CONTENT_LENGTH)
-                .iter()
-                .nth(1)
-                .is_some()
-            || (headers.contains_key(header::CONTENT_LENGTH)
-                && headers.contains_key(header::TRANSFER_ENCODING));
-        (!known_method || ambiguous).then(|| Verdict::deny(400, Reason::MalformedRequest, None))
+    /// Whether a request admitted earlier would still be admitted, for a
+    /// connection it upgraded (a WebSocket) when a new policy arrives: the
+    /// same steps as [`decide`](Self::decide) up to authorization and the
+    /// sunset, without charging rate limits or looking at a body.
+    pub fn reauthorize<'e>(&'e self, request: &Request<'_>) -> Verdict<'e> {
+        let client_ip =
+            client_ip::client_ip(request.peer_addr, request.headers, &self.trusted_proxies);
+        if let Some(v) = self.ip_filter(request.port, client_ip, Layer::Enforced) {
+            return v;
+        }
+        if request.peer.is_none() && self.mtls_mode(request.port) == pb::MtlsMode::Strict {
+            return Verdict::deny(401, Reason::MtlsRequired, None);
+        }
+        let target = match normalize_target(request.target, &self.normalize) {
+            Ok(t) => t,
+            Err(e) => return Verdict::deny(400, Reason::invalid_path(&e), None),
+        };
+        if request.credential_error.is_some() {
+            return Verdict::deny(401, Reason::AuthenticationFailed, None);
+        }
+        let (minute_of_day, weekday) = time_of_day(request.time.unix_seconds);
+        let mut ctx = MatchContext {
+            request,
+            client_ip,
+            minute_of_day,
+            weekday,
+            roles: RoleCache::new(self.roles.len()),
+        };
+        let matched = self.routes.matching(&target.path, request);
+        let verdict = self.authorize(&mut ctx, &matched, Layer::Enforced);
+        if !verdict.allowed {
+            return verdict;
+        }
+        let sunset = matched
+            .iter()
+            .map(|m| self.routes.get(m.slot))
+            .filter(|r| !r.audit_only)
+            .find_map(|r| r.deprecation.as_ref())
+            .filter(|d| {
+                d.block_after_sunset && d.sunset.is_some_and(|s| request.time.unix_seconds >= s)
+            });
+        match sunset {
+            Some(d) => Verdict::deny(410, Reason::Sunset, Some(&*d.id)),
+            None => verdict,
+        }
     }
 
     fn ip_filter(&self, port: u16, ip: IpAddr, layer: Layer) -> Option<Verdict<'_>> {
@@ -357,7 +457,7 @@ impl PolicyEngine {
 
         if let Some(body) = routes().find_map(|r| r.body.as_ref()) {
             decision.body = Some(body);
-            if let Some(v) = body.check_headers(ctx.request.headers) {
+            if let Some(v) = body.check_headers(ctx.request.headers, ctx.request.has_body) {
                 return v;
             }
         }
@@ -415,7 +515,7 @@ impl PolicyEngine {
             if let Some(v) = route
                 .body
                 .as_ref()
-                .and_then(|b| b.check_headers(ctx.request.headers))
+                .and_then(|b| b.check_headers(ctx.request.headers, ctx.request.has_body))
             {
                 return v;
             }
@@ -446,7 +546,6 @@ impl PolicyEngine {
                 return Verdict::deny(403, Reason::DenyRule, Some(&*rule.id));
             }
         }
-        let refused = |reason, rule| Verdict::deny(self.refusal_status(ctx.request), reason, rule);
         if self
             .routes
             .has_allow_rules(ctx.request.port, layer == Layer::WithAudit)
@@ -458,7 +557,9 @@ impl PolicyEngine {
                 .map(|m| self.routes.get(m.slot))
                 .filter(|r| layer.includes(r.audit_only));
             let Some(route) = strict.clone().find(|r| !r.allow.is_empty()) else {
-                return refused(Reason::NoAllowMatch, None);
+                // No allow rule speaks about this request: no credential
+                // could change that.
+                return Verdict::deny(403, Reason::NoAllowMatch, None);
             };
             return match route
                 .allow
@@ -466,12 +567,17 @@ impl PolicyEngine {
                 .find(|rule| rule.matches(ctx, &self.roles, Polarity::Allow))
             {
                 Some(rule) => Verdict::allow(Reason::Allowed, Some(&*rule.id)),
-                None => refused(Reason::NoAllowMatch, Some(&*route.id)),
+                None => Verdict::deny(
+                    self.refusal_status(ctx.request, &route.allow),
+                    Reason::NoAllowMatch,
+                    Some(&*route.id),
+                ),
             };
         }
         let request = ctx.request;
         match self.default_action {
-            pb::DefaultAction::Deny => refused(Reason::DefaultDeny, None),
+            // Nothing is allowed: no credential could change that.
+            pb::DefaultAction::Deny => Verdict::deny(403, Reason::DefaultDeny, None),
             _ if request.peer.is_some()
                 || request.jwt_claims.is_some()
                 || request.api_key_client.is_some() =>
@@ -482,16 +588,22 @@ impl PolicyEngine {
         }
     }
 
-    /// 401 when the request lacks a credential the workload accepts, 403 when
-    /// who it is was established and is not enough.
-    fn refusal_status(&self, request: &Request<'_>) -> u16 {
-        let end_user = request.jwt_claims.is_some() || request.api_key_client.is_some();
-        let unauthenticated = if self.end_user_authn {
-            !end_user
-        } else {
-            !end_user && request.peer.is_none()
-        };
-        if unauthenticated { 401 } else { 403 }
+    /// 401 only when presenting a credential could change the decision: one
+    /// of the refusing `rules` asks for a JWT, an API key or (from a caller
+    /// with no identity at all) a mesh identity the request does not carry,
+    /// and the workload accepts that credential. 403 when who the caller is
+    /// was established and no credential could satisfy the rules.
+    fn refusal_status(&self, request: &Request<'_>, rules: &[authz::CompiledRule]) -> u16 {
+        let anonymous = request.peer.is_none()
+            && request.jwt_claims.is_none()
+            && request.api_key_client.is_none();
+        let could_change = rules.iter().any(|rule| {
+            let wants = rule.credentials(&self.roles);
+            (wants.jwt && self.accepts_jwt && request.jwt_claims.is_none())
+                || (wants.api_key && self.accepts_api_keys && request.api_key_client.is_none())
+                || (wants.peer && anonymous)
+        });
+        if could_change { 401 } else { 403 }
     }
 }
 

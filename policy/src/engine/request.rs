@@ -31,7 +31,22 @@ pub struct Request<'a> {
     /// Set when a credential was presented but failed verification (e.g.
     /// `jwt.expired`): the request is refused with 401.
     pub credential_error: Option<&'a str>,
+    /// The request carries a body (a non-zero `Content-Length`, chunked
+    /// framing, or HTTP/2 DATA to come): its media type is checked.
+    pub has_body: bool,
     pub time: RequestTime,
+}
+
+impl Request<'_> {
+    /// Whether headers announce a body: a `Content-Length` other than 0, or
+    /// `Transfer-Encoding` (for callers that only have headers, such as
+    /// `palisadectl policy simulate`; the agent knows from the stream).
+    pub fn headers_announce_body(headers: &HeaderMap) -> bool {
+        headers.contains_key(http::header::TRANSFER_ENCODING)
+            || headers
+                .get(http::header::CONTENT_LENGTH)
+                .is_some_and(|v| v.as_bytes() != b"0")
+    }
 }
 
 /// Time, supplied by the caller so the engine stays pure.
@@ -51,10 +66,12 @@ pub enum Reason {
     Allowed,
     /// No allow rule exists and the request carried a verified identity.
     DefaultAllAuthenticated,
-    /// Malformed or ambiguous request (method, Host, framing).
-    MalformedRequest,
     /// The path could not be normalized.
     InvalidPath,
+    /// The path has `;` parameters (refused by default) or a `.;`/`..;` segment.
+    PathParameter,
+    /// The path's percent-encoded bytes are not UTF-8.
+    PathNotUtf8,
     IpFilter,
     MtlsRequired,
     AuthenticationFailed,
@@ -70,12 +87,23 @@ pub enum Reason {
 }
 
 impl Reason {
+    /// The reason for a path that normalization refused.
+    pub fn invalid_path(error: &crate::normalize::PathError) -> Self {
+        use crate::normalize::PathError;
+        match error {
+            PathError::PathParameter | PathError::DotSegmentParameter => Reason::PathParameter,
+            PathError::InvalidUtf8 => Reason::PathNotUtf8,
+            _ => Reason::InvalidPath,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Reason::Allowed => "authz.allowed",
             Reason::DefaultAllAuthenticated => "default.all_authenticated",
-            Reason::MalformedRequest => "request.malformed",
             Reason::InvalidPath => "request.invalid_path",
+            Reason::PathParameter => "request.path_parameter",
+            Reason::PathNotUtf8 => "request.path_not_utf8",
             Reason::IpFilter => "ipfilter.denied",
             Reason::MtlsRequired => "mtls.required",
             Reason::AuthenticationFailed => "authn.failed",

@@ -1,7 +1,9 @@
 //! Routes compiled for matching: the path index, per-route checks, limits,
 //! body rules, masking and deprecation.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, header};
@@ -9,9 +11,9 @@ use palisade_proto::policy::v1 as pb;
 use smallvec::SmallVec;
 
 use super::LoadError;
-use super::authz::{CompiledRule, lookup_claim};
+use super::authz::{CompiledRole, CompiledRule, lookup_claim};
 use super::request::{Reason, Request, Verdict};
-use crate::body::{BodySchema, content_type_allowed};
+use crate::body::{BodySchema, content_type_allowed, is_json_content_type};
 use crate::masking::ResponseMask;
 use crate::path_index::{PathIndex, PathPattern, Specificity};
 use crate::ratelimit::{Algorithm, LimitConfig, RateLimitOutcome, RateLimiter};
@@ -32,6 +34,12 @@ pub(crate) struct CompiledRoute {
     /// Method, header and host constraints make a route more specific than
     /// one with the same path match and fewer constraints.
     constraints: u8,
+    /// Matches every request of its ports: no path (or prefix `/`), no
+    /// method, header or host match.
+    pub catch_all: bool,
+    /// Needs an HTTP request to be enforced (see
+    /// `PolicyEngine::port_protocol`).
+    pub http_level: bool,
 }
 
 struct HeaderCheck {
@@ -63,7 +71,9 @@ pub struct CompiledRateLimit {
     pub scope: pb::rate_limit::Scope,
     pub failure_mode: pb::rate_limit::FailureMode,
     pub config: LimitConfig,
-    limiter: RateLimiter,
+    /// Shared with the next policy version when this limit's id and
+    /// settings stay the same, so a push keeps every key's state.
+    limiter: Arc<RateLimiter>,
 }
 
 impl std::fmt::Debug for CompiledRateLimit {
@@ -124,7 +134,24 @@ impl CompiledRateLimit {
         self.limiter.check(key, now)
     }
 
-    fn compile(limit: &pb::RateLimit) -> Result<Self, LoadError> {
+    /// Whether `self`'s counters are `other`'s: the same limit, counted the
+    /// same way.
+    fn same_counters_as(&self, other: &CompiledRateLimit) -> bool {
+        self.id == other.id
+            && self.key == other.key
+            && self.scope == other.scope
+            && self.config == other.config
+    }
+
+    /// How many keys this limit tracks now.
+    pub fn tracked_keys(&self) -> usize {
+        self.limiter.tracked_keys()
+    }
+
+    fn compile(
+        limit: &pb::RateLimit,
+        previous: &HashMap<&str, &CompiledRateLimit>,
+    ) -> Result<Self, LoadError> {
         use pb::rate_limit::{Algorithm as A, FailureMode, KeyKind, Scope};
         let err = |what: String| LoadError::new(format!("rate limit {}: {what}", limit.id));
         let algorithm = match A::try_from(limit.algorithm) {
@@ -167,15 +194,21 @@ impl CompiledRateLimit {
                 limit.max_keys as usize
             },
         };
-        let limiter = RateLimiter::new(config.clone()).map_err(|e| err(e.to_string()))?;
-        Ok(Self {
+        let limiter = Arc::new(RateLimiter::new(config.clone()).map_err(|e| err(e.to_string()))?);
+        let mut compiled = Self {
             id: limit.id.as_str().into(),
             key,
             scope,
             failure_mode,
             config,
             limiter,
-        })
+        };
+        if let Some(old) = previous.get(limit.id.as_str())
+            && compiled.same_counters_as(old)
+        {
+            compiled.limiter = old.limiter.clone();
+        }
+        Ok(compiled)
     }
 }
 
@@ -200,12 +233,12 @@ impl std::fmt::Debug for BodyRules {
 }
 
 impl BodyRules {
-    /// What can be decided from headers alone: the media type, and a declared
-    /// length over the limit. A body without a declared length is counted by
-    /// the agent while it streams.
-    pub(crate) fn check_headers(&self, headers: &HeaderMap) -> Option<Verdict<'_>> {
-        let has_body = headers.contains_key(header::CONTENT_LENGTH)
-            || headers.contains_key(header::TRANSFER_ENCODING);
+    /// What can be decided before reading the body: a declared length over
+    /// the limit (413), and for a request that carries a body its media type
+    /// (415: not in `contentTypes`, or not JSON where a JSON Schema applies).
+    /// This is the one place the media type is checked; a body without a
+    /// declared length is counted by the agent while it streams.
+    pub(crate) fn check_headers(&self, headers: &HeaderMap, has_body: bool) -> Option<Verdict<'_>> {
         let declared = headers
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
@@ -213,11 +246,13 @@ impl BodyRules {
         if self.max_body_bytes > 0 && declared.is_some_and(|n| n > self.max_body_bytes) {
             return Some(Verdict::deny(413, Reason::BodyTooLarge, Some(&*self.id)));
         }
-        if has_body && declared != Some(0) {
+        if has_body {
+            // A value that is not visible ASCII matches no media type.
             let content_type = headers
                 .get(header::CONTENT_TYPE)
                 .map(|v| v.to_str().unwrap_or("\u{0}"));
-            if !content_type_allowed(content_type, &self.content_types) {
+            let schema_wants_json = self.schema.is_some() && !is_json_content_type(content_type);
+            if schema_wants_json || !content_type_allowed(content_type, &self.content_types) {
                 return Some(Verdict::deny(
                     415,
                     Reason::UnsupportedMediaType,
@@ -284,40 +319,70 @@ fn http_date(unix_seconds: i64) -> Option<String> {
 pub(crate) struct RouteTable {
     routes: Vec<CompiledRoute>,
     index: PathIndex<u32>,
-    /// Ports with enforced allow rules (`None` in the list: every port).
-    allow_ports: AllowPorts,
-    allow_ports_with_audit: AllowPorts,
+    /// Ports with enforced allow rules.
+    allow_ports: PortSet,
+    allow_ports_with_audit: PortSet,
+    /// Ports an enforced route gives HTTP rules.
+    http_ports: PortSet,
 }
 
+/// The ports of some routes: every port, or a list; with the first route
+/// that put each there.
 #[derive(Default)]
-struct AllowPorts {
-    every_port: bool,
-    ports: SmallVec<[u16; 8]>,
+struct PortSet {
+    every_port: Option<u32>,
+    ports: SmallVec<[(u16, u32); 8]>,
 }
 
-impl AllowPorts {
-    fn add(&mut self, route: &CompiledRoute) {
+impl PortSet {
+    fn add(&mut self, route: &CompiledRoute, slot: u32) {
         if route.ports.is_empty() {
-            self.every_port = true;
+            self.every_port.get_or_insert(slot);
         } else {
-            self.ports.extend(route.ports.iter().copied());
+            for &p in &route.ports {
+                if !self.ports.iter().any(|(q, _)| *q == p) {
+                    self.ports.push((p, slot));
+                }
+            }
         }
     }
     fn contains(&self, port: u16) -> bool {
-        self.every_port || self.ports.contains(&port)
+        self.first(port).is_some()
+    }
+    /// The first route that put `port` here.
+    fn first(&self, port: u16) -> Option<u32> {
+        self.every_port.or_else(|| {
+            self.ports
+                .iter()
+                .find(|(p, _)| *p == port)
+                .map(|(_, slot)| *slot)
+        })
     }
 }
 
 impl RouteTable {
-    pub fn compile(routes: &[pb::Route], role_count: usize) -> Result<Self, LoadError> {
+    /// Compiles `routes`; local rate limits unchanged since `previous` keep
+    /// its counters.
+    pub fn compile(
+        routes: &[pb::Route],
+        roles: &[CompiledRole],
+        previous: Option<&RouteTable>,
+    ) -> Result<Self, LoadError> {
+        let previous_limits: HashMap<&str, &CompiledRateLimit> = previous
+            .into_iter()
+            .flat_map(|t| t.routes.iter())
+            .filter_map(|r| r.rate_limit.as_ref())
+            .map(|l| (&*l.id, l))
+            .collect();
         let mut table = Self {
             routes: Vec::with_capacity(routes.len()),
             index: PathIndex::new(),
-            allow_ports: AllowPorts::default(),
-            allow_ports_with_audit: AllowPorts::default(),
+            allow_ports: PortSet::default(),
+            allow_ports_with_audit: PortSet::default(),
+            http_ports: PortSet::default(),
         };
         for (i, r) in routes.iter().enumerate() {
-            let route = CompiledRoute::compile(r, role_count)?;
+            let route = CompiledRoute::compile(r, roles, &previous_limits)?;
             let slot = u32::try_from(i).map_err(|_| LoadError::new("too many routes"))?;
             match r.path.as_ref().and_then(|p| p.kind.as_ref()) {
                 None => table.index.insert_any(slot),
@@ -334,10 +399,15 @@ impl RouteTable {
                 }
             }
             if !route.allow.is_empty() {
-                table.allow_ports_with_audit.add(&route);
+                table.allow_ports_with_audit.add(&route, slot);
                 if !route.audit_only {
-                    table.allow_ports.add(&route);
+                    table.allow_ports.add(&route, slot);
                 }
+            }
+            // Audit-mode routes never change enforcement, so they cannot
+            // turn an opaque port into an HTTP one either.
+            if route.http_level && !route.audit_only {
+                table.http_ports.add(&route, slot);
             }
             table.routes.push(route);
         }
@@ -354,6 +424,31 @@ impl RouteTable {
 
     pub fn has_audit_routes(&self) -> bool {
         self.routes.iter().any(|r| r.audit_only)
+    }
+
+    /// An enforced route gives `port` HTTP rules.
+    pub fn gives_http_rules(&self, port: u16) -> bool {
+        self.http_ports.contains(port)
+    }
+
+    /// The id of the first enforced route that gives `port` HTTP rules.
+    pub fn http_route_for(&self, port: u16) -> Option<&str> {
+        self.http_ports.first(port).map(|slot| &*self.get(slot).id)
+    }
+
+    /// The catch-all routes of `port`, the only ones an opaque connection
+    /// meets, most specific first (prefix `/` before no path, then in the
+    /// order listed).
+    pub fn matching_connection(&self, port: u16) -> SmallVec<[MatchedRoute; 8]> {
+        let mut found: SmallVec<[(Specificity, MatchedRoute); 8]> = SmallVec::new();
+        self.index.for_each_match("/", |&slot, specificity| {
+            let route = &self.routes[slot as usize];
+            if route.catch_all && (route.ports.is_empty() || route.ports.contains(&port)) {
+                found.push((specificity, MatchedRoute { slot, strict: true }));
+            }
+        });
+        found.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.slot.cmp(&b.1.slot)));
+        found.into_iter().map(|(_, m)| m).collect()
     }
 
     pub fn has_allow_rules(&self, port: u16, with_audit: bool) -> bool {
@@ -401,7 +496,12 @@ pub(crate) struct MatchedRoute {
 }
 
 impl CompiledRoute {
-    fn compile(r: &pb::Route, role_count: usize) -> Result<Self, LoadError> {
+    fn compile(
+        r: &pb::Route,
+        roles: &[CompiledRole],
+        previous_limits: &HashMap<&str, &CompiledRateLimit>,
+    ) -> Result<Self, LoadError> {
+        let role_count = roles.len();
         let err = |what: String| LoadError::new(format!("route {}: {what}", r.id));
         let mut methods = Vec::with_capacity(r.methods.len());
         for m in &r.methods {
@@ -456,6 +556,23 @@ impl CompiledRoute {
         let constraints = u8::from(!r.methods.is_empty())
             + u8::try_from(r.headers.len()).unwrap_or(u8::MAX).min(100)
             + u8::from(!r.hosts.is_empty());
+        let every_path = match r.path.as_ref().and_then(|p| p.kind.as_ref()) {
+            None => true,
+            Some(pb::path_match::Kind::Prefix(p)) => p == "/",
+            Some(_) => false,
+        };
+        let catch_all = every_path && constraints == 0;
+        let allow = compile_rules(&r.allow)?;
+        let deny = compile_rules(&r.deny)?;
+        let http_level = !catch_all
+            || r.rate_limit.is_some()
+            || r.validation.is_some()
+            || response.is_some()
+            || r.deprecation.is_some()
+            || allow
+                .iter()
+                .chain(&deny)
+                .any(|rule| rule.needs_request(roles));
         Ok(Self {
             id: r.id.as_str().into(),
             audit_only: r.audit_only,
@@ -463,12 +580,12 @@ impl CompiledRoute {
             methods,
             headers,
             hosts: r.hosts.iter().map(|h| h.as_str().into()).collect(),
-            allow: compile_rules(&r.allow)?,
-            deny: compile_rules(&r.deny)?,
+            allow,
+            deny,
             rate_limit: r
                 .rate_limit
                 .as_ref()
-                .map(CompiledRateLimit::compile)
+                .map(|l| CompiledRateLimit::compile(l, previous_limits))
                 .transpose()?,
             body: r
                 .validation
@@ -478,6 +595,8 @@ impl CompiledRoute {
             response,
             deprecation,
             constraints,
+            catch_all,
+            http_level,
         })
     }
 

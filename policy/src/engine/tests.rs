@@ -142,6 +142,7 @@ impl Req {
             jwt_claims: self.claims.as_ref(),
             api_key_client: self.api_key.as_deref(),
             credential_error: self.credential_error,
+            has_body: Request::headers_announce_body(&self.headers),
             time: RequestTime {
                 unix_seconds: self.unix,
                 monotonic: self.monotonic,
@@ -466,26 +467,36 @@ fn path_matching_is_case_sensitive() {
 }
 
 #[test]
-fn ambiguous_requests_are_refused_with_400() {
-    let e = engine("");
-    let two_hosts = get("/").header("host", "a").header("host", "b");
-    let cl_te = get("/")
-        .header("content-length", "5")
-        .header("transfer-encoding", "chunked");
-    let two_cl = get("/")
-        .header("content-length", "5")
-        .header("content-length", "6");
-    for r in [
-        get("/").method("get"),
-        get("/").method("BREW"),
-        two_hosts,
-        cl_te,
-        two_cl,
+fn path_parameters_and_overlong_escapes_are_refused_with_their_reason() {
+    let e = engine(&policy(
+        "routes:\n  - {match: {path: {prefix: /admin}}, deny: [{}]}\n  - {allow: [{}]}",
+    ));
+    for (target, reason) in [
+        ("/admin;x/users", Reason::PathParameter),
+        ("/public/..;/admin", Reason::PathParameter),
+        ("/%C0%AE%C0%AE/admin", Reason::PathNotUtf8),
     ] {
-        let (ok, status, reason, _) = r.decide(&e);
-        assert!(!ok);
-        assert_eq!((status, reason), (400, Reason::MalformedRequest));
+        let (ok, status, got, _) = get(target).decide(&e);
+        assert!(!ok, "{target}");
+        assert_eq!((status, got), (400, reason), "{target}");
+        assert_eq!(
+            reason.as_str(),
+            if reason == Reason::PathParameter {
+                "request.path_parameter"
+            } else {
+                "request.path_not_utf8"
+            }
+        );
     }
+    // Opted out: `;` is part of its segment, never a dot segment.
+    let e = engine(&policy(
+        "http: {pathParameters: allow}\nroutes:\n  - {match: {path: {prefix: /admin}}, deny: [{}]}\n  - {allow: [{}]}",
+    ));
+    let r = get("/app;jsessionid=1/x");
+    let d = e.decide(&r.request());
+    assert!(d.verdict.allowed);
+    assert_eq!(d.normalized_path.as_deref(), Some("/app;jsessionid=1/x"));
+    assert_eq!(get("/public/..;/admin").decide(&e).2, Reason::PathParameter);
 }
 
 // --- roles and conditions --------------------------------------------------
@@ -825,6 +836,31 @@ fn declared_body_size_and_media_type_are_checked() {
     assert_eq!(post("10", "text/plain").decide(&e).1, 415);
     // No body: no media type needed.
     assert!(allowed(&e, &get("/")));
+    assert!(allowed(&e, &post("0", "text/plain")));
+    // A body announced by the stream alone (HTTP/2 DATA, no length) is
+    // checked the same.
+    let r = get("/").method("POST").header("content-type", "text/plain");
+    let mut req = r.request();
+    req.has_body = true;
+    assert_eq!(e.decide(&req).verdict.status, 415);
+}
+
+#[test]
+fn a_json_schema_wants_a_json_body_even_without_a_media_type_list() {
+    let e = engine(&policy(
+        "routes:\n  - allow: [{}]\n    validation: {jsonSchema: {type: object}}",
+    ));
+    let post = |ct: &str| {
+        get("/")
+            .method("POST")
+            .header("content-length", "2")
+            .header("content-type", ct)
+    };
+    assert!(allowed(&e, &post("application/json")));
+    assert!(allowed(&e, &post("application/merge-patch+json")));
+    let (ok, status, reason, _) = post("text/plain").decide(&e);
+    assert!(!ok);
+    assert_eq!((status, reason), (415, Reason::UnsupportedMediaType));
 }
 
 #[test]
@@ -1026,4 +1062,269 @@ routes:
             }
         }
     }
+}
+
+// --- port protocols and opaque connections ---------------------------------
+
+const WEB_PEER: &str = "spiffe://cluster.local/ns/shop/sa/web";
+
+fn conn<'a>(peer: Option<&'a SpiffeId>, port: u16, ip: &str) -> Connection<'a> {
+    Connection {
+        port,
+        peer_addr: ip.parse().unwrap(),
+        peer,
+    }
+}
+
+#[test]
+fn a_port_is_opaque_only_when_declared_tcp_and_given_no_http_rules() {
+    let db = |routes: &str| {
+        policy(&format!(
+            "ports: [8080, {{port: 9090, protocol: tcp}}]\nroutes:\n{routes}"
+        ))
+    };
+    let e = engine(&db(
+        "  - allow: [{principals: [\"spiffe://cluster.local/ns/shop/sa/web\"]}]",
+    ));
+    assert_eq!(e.port_protocol(9090), pb::PortProtocol::Tcp);
+    assert_eq!(e.port_protocol(8080), pb::PortProtocol::Unspecified);
+    assert_eq!(e.http_route_for(9090), None);
+
+    // Another policy with HTTP routes for every port makes the tcp port
+    // HTTP: declaring tcp never switches a rule off.
+    let yaml = format!(
+        "{}---\n{}",
+        db("  - allow: [{}]"),
+        policy("routes:\n  - {match: {path: {prefix: /admin}}, deny: [{}]}")
+            .replace("name: p", "name: web")
+    );
+    let e = engine(&yaml);
+    assert_eq!(e.port_protocol(9090), pb::PortProtocol::Http);
+    assert_eq!(e.http_route_for(9090), Some("shop/web/routes[0]"));
+    // The same HTTP route limited to 8080 leaves 9090 opaque; an audit-mode
+    // one never changes what is enforced, nor how a port is read.
+    let yaml = format!(
+        "{}---\n{}---\n{}",
+        db("  - allow: [{}]"),
+        policy("ports: [8080]\nroutes:\n  - {match: {path: {prefix: /admin}}, deny: [{}]}")
+            .replace("name: p", "name: web"),
+        policy("mode: audit\nroutes:\n  - {match: {path: {prefix: /x}}, deny: [{}]}")
+            .replace("name: p", "name: shadow")
+    );
+    let e = engine(&yaml);
+    assert_eq!(e.port_protocol(9090), pb::PortProtocol::Tcp);
+    assert_eq!(e.port_protocol(8080), pb::PortProtocol::Http);
+    // A policy that declares http wins over another's tcp.
+    let yaml = format!(
+        "{}---\n{}",
+        db("  - allow: [{}]"),
+        policy("ports: [{port: 9090, protocol: grpc}]").replace("name: p", "name: q")
+    );
+    assert_eq!(engine(&yaml).port_protocol(9090), pb::PortProtocol::Grpc);
+}
+
+#[test]
+fn opaque_connections_meet_the_same_filters_and_identity_rules() {
+    let e = engine(&policy(
+        r#"ports: [{port: 9090, protocol: tcp}]
+mtls: permissive
+ipFilter: {deny: [192.0.2.0/24]}
+roles: [{name: shop, namespaces: [shop]}]
+routes:
+  - deny: [{name: other, principals: ["spiffe://cluster.local/ns/shop/sa/other"]}]
+    allow:
+      - {name: web, principals: ["spiffe://cluster.local/ns/shop/sa/web"], sourceCidrs: [10.0.0.0/8]}
+      - {name: shop-role, roles: [shop], sourceCidrs: [172.16.0.0/12]}"#,
+    ));
+    let web = SpiffeId::parse(WEB_PEER).unwrap();
+    let orders = SpiffeId::parse(ORDERS_PEER).unwrap();
+    let other = SpiffeId::parse("spiffe://cluster.local/ns/shop/sa/other").unwrap();
+    let decide = |c: Connection<'_>| {
+        let d = e.authorize_connection(&c);
+        (
+            d.verdict.allowed,
+            d.verdict.status,
+            d.verdict.reason,
+            d.verdict.rule.map(String::from),
+        )
+    };
+    assert_eq!(
+        decide(conn(Some(&web), 9090, "10.1.1.1")),
+        (
+            true,
+            200,
+            Reason::Allowed,
+            Some("shop/p/routes[0]/allow/web".into())
+        )
+    );
+    // The rule needs both the identity and the address.
+    assert_eq!(
+        decide(conn(Some(&web), 9090, "192.168.1.1")).2,
+        Reason::NoAllowMatch
+    );
+    assert_eq!(
+        decide(conn(Some(&orders), 9090, "172.16.0.1")).3.as_deref(),
+        Some("shop/p/routes[0]/allow/shop-role")
+    );
+    assert_eq!(
+        decide(conn(Some(&other), 9090, "10.1.1.1")).2,
+        Reason::DenyRule
+    );
+    assert_eq!(
+        decide(conn(Some(&web), 9090, "192.0.2.7")).2,
+        Reason::IpFilter
+    );
+    // Plaintext is refused even on a permissive port: nothing else to go by.
+    assert_eq!(
+        decide(conn(None, 9090, "10.1.1.1")),
+        (false, 401, Reason::MtlsRequired, None)
+    );
+
+    // Without allow rules the mesh default decides; `deny` refuses all.
+    let e = engine(&policy("ports: [{port: 9090, protocol: tcp}]"));
+    assert!(
+        e.authorize_connection(&conn(Some(&web), 9090, "10.0.0.1"))
+            .verdict
+            .allowed
+    );
+    let mesh = MeshConfig {
+        default_action: pb::DefaultAction::Deny,
+        ..MeshConfig::default()
+    };
+    let e = engine_with(&policy("ports: [{port: 9090, protocol: tcp}]"), &mesh);
+    assert_eq!(
+        e.authorize_connection(&conn(Some(&web), 9090, "10.0.0.1"))
+            .verdict
+            .reason,
+        Reason::DefaultDeny
+    );
+}
+
+#[test]
+fn an_audit_policy_reports_what_it_would_do_to_a_connection() {
+    let yaml = format!(
+        "{}---\n{}",
+        policy("ports: [{port: 9090, protocol: tcp}]"),
+        policy("mode: audit\nports: [9090]\nroutes:\n  - deny: [{namespaces: [shop]}]")
+            .replace("name: p", "name: shadow")
+    );
+    let e = engine(&yaml);
+    let web = SpiffeId::parse(WEB_PEER).unwrap();
+    let d = e.authorize_connection(&conn(Some(&web), 9090, "10.0.0.1"));
+    assert!(d.verdict.allowed);
+    let shadow = d.shadow.expect("an audit layer");
+    assert!(!shadow.allowed);
+    assert_eq!(shadow.reason, Reason::DenyRule);
+}
+
+// --- 401 or 403 --------------------------------------------------------------
+
+#[test]
+fn a_verified_peer_refused_by_identity_rules_gets_403_even_where_jwts_are_accepted() {
+    let yaml = policy(
+        r#"mtls: permissive
+authentication:
+  jwt: [{issuer: "https://id.example.com", jwksUri: "https://id.example.com/jwks"}]
+  apiKeys: {keys: [{clientId: partner, sha256: "0000000000000000000000000000000000000000000000000000000000000000"}]}
+routes:
+  - match: {path: {prefix: /internal}}
+    allow: [{principals: ["spiffe://cluster.local/ns/shop/sa/web"]}]
+  - match: {path: {prefix: /claims}}
+    allow: [{claims: [{name: roles, values: [admin]}]}]
+  - match: {path: {prefix: /partners}}
+    allow: [{apiKeyClients: [partner]}]"#,
+    );
+    let e = engine(&yaml);
+    // No credential can satisfy "be web": 403 for a verified peer.
+    assert_eq!(get("/internal/x").decide(&e).1, 403);
+    // Without any identity a mesh certificate could change it: 401.
+    assert_eq!(get("/internal/x").plaintext().decide(&e).1, 401);
+    // A JWT could change it: 401 without one, 403 with the wrong claims.
+    assert_eq!(get("/claims/x").decide(&e).1, 401);
+    assert_eq!(
+        get("/claims/x")
+            .claims(json!({"roles": ["user"]}))
+            .decide(&e)
+            .1,
+        403
+    );
+    // An API key could change it, though a JWT was presented.
+    assert_eq!(
+        get("/partners/x").claims(json!({"sub": "u"})).decide(&e).1,
+        401
+    );
+    assert_eq!(get("/partners/x").api_key("other").decide(&e).1, 403);
+
+    // Claims a workload cannot verify (no JWT provider): nothing to present.
+    let e = engine(&policy(
+        "routes:\n  - allow: [{claims: [{name: roles, values: [admin]}]}]",
+    ));
+    assert_eq!(get("/x").decide(&e).1, 403);
+}
+
+// --- policy pushes -------------------------------------------------------------
+
+#[test]
+fn local_rate_limit_state_survives_a_push_that_does_not_change_the_limit() {
+    let limited = |amount: u32, extra: &str| {
+        policy(&format!(
+            "routes:\n  - name: api\n    allow: [{{}}]\n    rateLimit: {{amount: {amount}, period: 1m, key: principal}}{extra}"
+        ))
+    };
+    let first = engine(&limited(2, ""));
+    assert!(allowed(&first, &get("/x")));
+    assert!(allowed(&first, &get("/x")));
+    assert!(!allowed(&first, &get("/x")));
+
+    let compile = |yaml: &str| {
+        let policies: Vec<_> = load_policies(yaml)
+            .unwrap()
+            .into_iter()
+            .map(|p| p.unwrap())
+            .collect();
+        let workload = Workload {
+            namespace: "shop".into(),
+            service_account: "api".into(),
+            ..Workload::default()
+        };
+        compile_workload(&policies, &workload, &MeshConfig::default(), &NoSecrets).unwrap()
+    };
+    // Another route added, this limit unchanged: the spent budget stays spent.
+    let pushed = PolicyEngine::load_after(
+        compile(&limited(
+            2,
+            "\n  - {match: {path: {prefix: /other}}, allow: [{}]}",
+        )),
+        Some(&first),
+    )
+    .unwrap();
+    assert_ne!(pushed.version(), first.version());
+    assert!(!allowed(&pushed, &get("/x")));
+    // The limit's settings changed: a new limit, a new budget.
+    let changed = PolicyEngine::load_after(compile(&limited(3, "")), Some(&pushed)).unwrap();
+    assert!(allowed(&changed, &get("/x")));
+    // Loaded without the previous version: fresh state (the old behaviour).
+    let fresh = PolicyEngine::load(compile(&limited(2, ""))).unwrap();
+    assert!(allowed(&fresh, &get("/x")));
+}
+
+#[test]
+fn reauthorize_repeats_authorization_without_charging_limits() {
+    let e = engine(&policy(
+        r#"routes:
+  - match: {path: {prefix: /ws}}
+    allow: [{principals: ["spiffe://cluster.local/ns/shop/sa/orders"]}]
+    rateLimit: {amount: 1, period: 1m, key: principal}"#,
+    ));
+    assert!(allowed(&e, &get("/ws/chat")));
+    for _ in 0..3 {
+        assert!(e.reauthorize(&get("/ws/chat").request()).allowed);
+    }
+    assert_eq!(
+        e.reauthorize(&get("/ws/chat").peer(WEB_PEER).request())
+            .reason,
+        Reason::NoAllowMatch
+    );
+    // The budget reauthorize never touched is still spent by the one request.
+    assert!(!allowed(&e, &get("/ws/chat")));
 }

@@ -69,7 +69,42 @@ fn each_bad_field_is_reported_at_its_path() {
             "\"enforcing\"",
         ),
         ("/spec/mtls", json!("optional"), "spec.mtls", "\"optional\""),
-        ("/spec/ports/0", json!(0), "spec.ports[0]", "minimum"),
+        (
+            "/spec/ports/0",
+            json!(0),
+            "spec.ports[0]",
+            "not a port number",
+        ),
+        (
+            "/spec/ports/0",
+            json!({"port": 5432, "protocol": "mysql"}),
+            "spec.ports[0]",
+            "is not http, grpc or tcp",
+        ),
+        (
+            "/spec/ports/0",
+            json!({"port": 5432, "proto": "tcp"}),
+            "spec.ports[0]",
+            "\"proto\" is not a field",
+        ),
+        (
+            "/spec/ports/0",
+            json!("8080"),
+            "spec.ports[0]",
+            "not a port number or",
+        ),
+        (
+            "/spec/ports/0",
+            json!({"protocol": "tcp"}),
+            "spec.ports[0]",
+            "needs `port`",
+        ),
+        (
+            "/spec/http",
+            json!({"pathParameters": "strip"}),
+            "spec.http.pathParameters",
+            "\"strip\"",
+        ),
         (
             "/spec/authentication/jwt/0/jwksUri",
             json!("ftp://keys"),
@@ -335,4 +370,82 @@ fn loopback_jwks_over_http_is_allowed_for_local_development() {
         "spec": {"authentication": {"jwt": [{"issuer": "i", "jwksUri": "http://127.0.0.1:8080/jwks"}]}}
     });
     assert!(validate_document(&doc).is_ok());
+}
+
+#[test]
+fn ports_take_numbers_and_declared_protocols() {
+    let doc = |ports: Value, routes: Value| {
+        json!({
+            "apiVersion": "palisade.dev/v1alpha1",
+            "kind": "ApiSecurityPolicy",
+            "metadata": {"name": "p", "namespace": "shop"},
+            "spec": {"ports": ports, "routes": routes}
+        })
+    };
+    let identity_only =
+        json!([{"allow": [{"principals": ["spiffe://cluster.local/ns/shop/sa/web"]}]}]);
+    let policy = validate_document(&doc(
+        json!([8080, {"port": 5432, "protocol": "tcp"}, {"port": 9090}]),
+        identity_only,
+    ))
+    .expect("valid");
+    let ports: Vec<_> = policy
+        .spec
+        .ports
+        .iter()
+        .map(|p| (p.number(), p.protocol()))
+        .collect();
+    assert_eq!(
+        ports,
+        [(8080, None), (5432, Some(PortProtocol::Tcp)), (9090, None)]
+    );
+    // Written back in the form it came in.
+    let back = serde_json::to_value(&policy.spec.ports).unwrap();
+    assert_eq!(
+        back,
+        json!([8080, {"port": 5432, "protocol": "tcp"}, {"port": 9090}])
+    );
+
+    assert!(
+        errors_of(&doc(
+            json!([5432, {"port": 5432, "protocol": "tcp"}]),
+            json!([])
+        ))
+        .iter()
+        .any(|e| e.path == "spec.ports[1]" && e.message.contains("listed twice"))
+    );
+}
+
+#[test]
+fn a_port_declared_tcp_cannot_be_given_http_rules_by_its_policy() {
+    let doc = |routes: Value| {
+        json!({
+            "apiVersion": "palisade.dev/v1alpha1",
+            "kind": "ApiSecurityPolicy",
+            "metadata": {"name": "db", "namespace": "shop"},
+            "spec": {"ports": [8080, {"port": 5432, "protocol": "tcp"}], "routes": routes}
+        })
+    };
+    for routes in [
+        json!([{"match": {"path": {"prefix": "/admin"}}, "deny": [{}]}]),
+        json!([{"rateLimit": {"amount": 10, "period": "1s"}}]),
+        json!([{"allow": [{"claims": [{"name": "role", "values": ["dba"]}]}]}]),
+        json!([{"deny": [{"conditions": [{"key": "header:x-user", "equals": "bob"}]}]}]),
+    ] {
+        let errors = errors_of(&doc(routes.clone()));
+        assert!(
+            errors.iter().any(|e| e.path == "spec.ports[1].protocol"
+                && e.message.contains("declared tcp")
+                && e.message.contains("shop/db/routes[0]")),
+            "{routes}: {errors:#?}"
+        );
+    }
+    // Identity-level rules are what a tcp port can enforce.
+    assert!(
+        validate_document(&doc(json!([{
+            "deny": [{"namespaces": ["sandbox"]}],
+            "allow": [{"principals": ["spiffe://cluster.local/ns/shop/sa/*"], "sourceCidrs": ["10.0.0.0/8"]}]
+        }])))
+        .is_ok()
+    );
 }
