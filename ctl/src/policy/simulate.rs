@@ -14,6 +14,8 @@ use palisade_policy::engine::{Decision, PolicyEngine, Request, RequestTime, Verd
 use palisade_policy::identity::SpiffeId;
 use serde_json::{Value, json};
 
+use crate::output::outln;
+
 /// Which workload the policies are compiled for.
 #[derive(Args)]
 pub struct WorkloadArgs {
@@ -177,8 +179,8 @@ pub fn run(args: &SimulateArgs) -> anyhow::Result<ExitCode> {
         report["repeat"] = json!({"sent": args.repeat, "admitted": admitted});
     }
     match args.output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
-        Output::Text => print_text(&report),
+        Output::Json => outln!("{}", serde_json::to_string_pretty(&report)?)?,
+        Output::Text => print_text(&report)?,
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -254,51 +256,52 @@ fn report(d: &Decision<'_, '_>) -> Value {
     out
 }
 
-fn print_text(report: &Value) {
+fn print_text(report: &Value) -> std::io::Result<()> {
     let field = |k: &str| match &report[k] {
         Value::Null => "-".to_owned(),
         Value::String(s) => s.clone(),
         other => other.to_string(),
     };
-    println!("decision: {}", field("decision"));
-    println!("status:   {}", field("status"));
-    println!("reason:   {}", field("reason"));
-    println!("rule:     {}", field("rule"));
-    println!("route:    {}", field("route"));
-    println!("path:     {}", field("normalizedPath"));
+    outln!("decision: {}", field("decision"))?;
+    outln!("status:   {}", field("status"))?;
+    outln!("reason:   {}", field("reason"))?;
+    outln!("rule:     {}", field("rule"))?;
+    outln!("route:    {}", field("route"))?;
+    outln!("path:     {}", field("normalizedPath"))?;
     if let Some(a) = report.get("auditMode") {
-        println!(
+        outln!(
             "audit mode would: {} {} ({}, rule {})",
             a["decision"].as_str().unwrap_or("-"),
             a["status"],
             a["reason"].as_str().unwrap_or("-"),
             a["rule"].as_str().unwrap_or("-")
-        );
+        )?;
     }
     if let Some(rl) = report.get("rateLimit") {
-        println!(
+        outln!(
             "rate limit: {} remaining {}/{} (retry after {} ms)",
             rl["limit"].as_str().unwrap_or("-"),
             rl["remaining"],
             rl["max"],
             rl["retryAfterMs"]
-        );
+        )?;
     }
     if let Some(g) = report.get("globalLimits") {
-        println!("global limits (checked in Redis by the agent): {g}");
+        outln!("global limits (checked in Redis by the agent): {g}")?;
     }
     if let Some(Value::Object(h)) = report.get("responseHeaders") {
         for (k, v) in h {
-            println!("response header: {k}: {}", v.as_str().unwrap_or_default());
+            outln!("response header: {k}: {}", v.as_str().unwrap_or_default())?;
         }
     }
     if let Some(b) = report.get("bodyValidation") {
-        println!("body validation: {b}");
+        outln!("body validation: {b}")?;
     }
     if report.get("responseMasking").is_some() {
-        println!("response masking: on");
+        outln!("response masking: on")?;
     }
     if let Some(r) = report.get("repeat") {
-        println!("repeat: admitted {} of {}", r["admitted"], r["sent"]);
+        outln!("repeat: admitted {} of {}", r["admitted"], r["sent"])?;
     }
+    Ok(())
 }
