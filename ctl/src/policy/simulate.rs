@@ -19,9 +19,9 @@ use crate::output::outln;
 /// Which workload the policies are compiled for.
 #[derive(Args)]
 pub struct WorkloadArgs {
-    /// Workload label (repeatable). Without any, every policy in the files applies.
-    #[arg(long = "label", value_name = "KEY=VALUE")]
-    labels: Vec<String>,
+    /// Workload label (repeatable), e.g. app=orders. Without any, every policy in the files applies.
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
     /// Workload namespace. Default: the first policy's namespace.
     #[arg(long)]
     namespace: Option<String>,
@@ -42,12 +42,7 @@ impl WorkloadArgs {
                 .and_then(|p| p.metadata.namespace.clone())
                 .unwrap_or_else(|| "default".into())
         });
-        let labels = self
-            .labels
-            .iter()
-            .filter_map(|l| l.split_once('='))
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .collect();
+        let labels = self.labels.iter().cloned().collect();
         if self.labels.is_empty() {
             for p in &mut policies {
                 p.spec.selector = None;
@@ -61,6 +56,21 @@ impl WorkloadArgs {
             ports: Vec::new(),
         };
         (policies, workload)
+    }
+}
+
+/// `--label KEY=VALUE`: a non-empty key, `=`, and a value (which may be
+/// empty, as in Kubernetes). Anything else is refused, not skipped: a
+/// dropped label would select other policies than the user asked for.
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_owned(), value.to_owned())),
+        Some(_) => Err(format!(
+            "{text:?} has an empty key; expected KEY=VALUE, e.g. app=orders"
+        )),
+        None => Err(format!(
+            "{text:?} has no '='; expected KEY=VALUE, e.g. app=orders"
+        )),
     }
 }
 
