@@ -222,10 +222,17 @@ fn parse_mesh_destination(
         .map_err(|e: palisade_agent::outbound::DestinationParseError| e.to_string())
 }
 
+/// `--label KEY=VALUE`: a non-empty key, `=`, and a value (which may be
+/// empty, as in Kubernetes).
 fn parse_label(text: &str) -> Result<(String, String), String> {
     match text.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
-        _ => Err(format!("{text:?} is not KEY=VALUE")),
+        Some(_) => Err(format!(
+            "{text:?} has an empty key; expected KEY=VALUE, e.g. app=orders"
+        )),
+        None => Err(format!(
+            "{text:?} has no '='; expected KEY=VALUE, e.g. app=orders"
+        )),
     }
 }
 
