@@ -162,7 +162,10 @@ struct RunArgs {
     /// PEM private key of --cert.
     #[arg(long, requires = "cert")]
     key: Option<PathBuf>,
-    /// Admin endpoint (/healthz, /readyz, /metrics), ADDR:PORT; '' disables it.
+    /// Admin endpoint, ADDR:PORT; '' disables it. /healthz, /readyz, /app-health/NAME and
+    /// /metrics answer every client (kubelet, Prometheus); /config_dump (policy, identity, mesh
+    /// destinations) and any other path only clients on loopback (127.0.0.0/8, ::1): others
+    /// get 403.
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:15020")]
     admin: String,
     /// Redis shared by all agents for `scope: global` rate limits, e.g. redis://redis:6379.
@@ -386,7 +389,8 @@ struct IdentityArgs {
     /// Requested certificate lifetime in seconds (the operator may shorten it); default: the operator's.
     #[arg(long, value_name = "SECONDS")]
     ttl: Option<u64>,
-    /// Admin endpoint (plain HTTP: /healthz, /readyz, /metrics), ADDR:PORT; '' disables it.
+    /// Admin endpoint (plain HTTP: /healthz, /readyz, /metrics for every client; other paths
+    /// 403 except on loopback), ADDR:PORT; '' disables it.
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:15020")]
     admin: String,
 }
