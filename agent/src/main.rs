@@ -162,7 +162,10 @@ struct RunArgs {
     /// PEM private key of --cert.
     #[arg(long, requires = "cert")]
     key: Option<PathBuf>,
-    /// Admin endpoint (/healthz, /readyz, /metrics), ADDR:PORT; '' disables it.
+    /// Admin endpoint, ADDR:PORT; '' disables it. /healthz, /readyz, /app-health/NAME and
+    /// /metrics answer every client (kubelet, Prometheus); /config_dump (policy, identity, mesh
+    /// destinations) and any other path only clients on loopback (127.0.0.0/8, ::1): others
+    /// get 403.
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:15020")]
     admin: String,
     /// Redis shared by all agents for `scope: global` rate limits, e.g. redis://redis:6379.
@@ -222,10 +225,17 @@ fn parse_mesh_destination(
         .map_err(|e: palisade_agent::outbound::DestinationParseError| e.to_string())
 }
 
+/// `--label KEY=VALUE`: a non-empty key, `=`, and a value (which may be
+/// empty, as in Kubernetes).
 fn parse_label(text: &str) -> Result<(String, String), String> {
     match text.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
-        _ => Err(format!("{text:?} is not KEY=VALUE")),
+        Some(_) => Err(format!(
+            "{text:?} has an empty key; expected KEY=VALUE, e.g. app=orders"
+        )),
+        None => Err(format!(
+            "{text:?} has no '='; expected KEY=VALUE, e.g. app=orders"
+        )),
     }
 }
 
@@ -379,7 +389,8 @@ struct IdentityArgs {
     /// Requested certificate lifetime in seconds (the operator may shorten it); default: the operator's.
     #[arg(long, value_name = "SECONDS")]
     ttl: Option<u64>,
-    /// Admin endpoint (plain HTTP: /healthz, /readyz, /metrics), ADDR:PORT; '' disables it.
+    /// Admin endpoint (plain HTTP: /healthz, /readyz, /metrics for every client; other paths
+    /// 403 except on loopback), ADDR:PORT; '' disables it.
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:15020")]
     admin: String,
 }

@@ -1,5 +1,6 @@
-//! The `palisade-agent identity` subcommand as a process, against the test
-//! double of the operator: it fetches a certificate and keeps renewing it.
+//! The `palisade-agent` command line as a process: the `identity`
+//! subcommand against the test double of the operator (it fetches a
+//! certificate and keeps renewing it), and flag checks of `run`.
 
 mod common;
 
@@ -96,5 +97,50 @@ async fn help_lists_the_identity_flags() {
         "--admin",
     ] {
         assert!(help.contains(flag), "{flag} missing:\n{help}");
+    }
+}
+
+/// `palisade-agent run` with everything it needs to get past flag parsing
+/// (it fails later, on the missing trust bundle), plus `label`.
+async fn run_with_label(label: &str) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_palisade-agent"))
+        .args([
+            "run",
+            "--inbound",
+            "127.0.0.1:1=127.0.0.1:2",
+            "--operator",
+            "127.0.0.1:1",
+            "--token-file",
+            "/nonexistent/token",
+            "--trust-bundle",
+            "/nonexistent/bundle.pem",
+            "--admin",
+            "",
+            "--label",
+            label,
+        ])
+        .env("RUST_LOG", "off")
+        .output()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn run_refuses_a_label_that_is_not_key_equals_value() {
+    for (label, why) in [("app", "has no '='"), ("=orders", "has an empty key")] {
+        let out = run_with_label(label).await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "--label {label}: {stderr}");
+        assert!(stderr.contains("--label"), "--label {label}: {stderr}");
+        assert!(stderr.contains("KEY=VALUE"), "--label {label}: {stderr}");
+        assert!(stderr.contains(why), "--label {label}: {stderr}");
+    }
+    // Control: a good label gets past the flags, to the missing trust bundle.
+    for label in ["app=orders", "tier="] {
+        let out = run_with_label(label).await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(!stderr.contains("--label"), "--label {label}: {stderr}");
+        assert!(stderr.contains("bundle.pem"), "--label {label}: {stderr}");
     }
 }

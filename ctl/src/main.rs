@@ -1,6 +1,7 @@
 //! `palisadectl`: the Palisade command line.
 
 mod certs;
+mod output;
 mod policy;
 
 use clap::{Parser, Subcommand};
@@ -34,8 +35,12 @@ fn main() -> std::process::ExitCode {
     };
     match result {
         Ok(code) => code,
+        // The reader went away (`| head`): nothing more to say, to anyone.
+        Err(e) if output::is_broken_pipe(&e) => {
+            std::process::ExitCode::from(output::BROKEN_PIPE_EXIT)
+        }
         Err(e) => {
-            eprintln!("error: {e:#}");
+            output::error(format_args!("error: {e:#}"));
             std::process::ExitCode::from(2)
         }
     }

@@ -160,3 +160,94 @@ fn compiled_policy_loads_in_the_agent() {
     assert_eq!(policy.sources, ["shop/orders-api@0"]);
     assert!(palisade_policy::PolicyEngine::load(policy).is_ok());
 }
+
+#[test]
+fn a_label_that_is_not_key_equals_value_is_refused_by_every_subcommand() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out_file = dir.path().join("orders.pb");
+    let out_file = out_file.to_str().expect("path");
+    let simulate = |label: &str| {
+        ctl(&[
+            "policy",
+            "simulate",
+            "examples/policies/orders-api.yaml",
+            "--path",
+            "/orders/1",
+            "--label",
+            label,
+        ])
+    };
+    let compile = |label: &str| {
+        ctl(&[
+            "policy",
+            "compile",
+            "examples/policies/orders-api.yaml",
+            "--label",
+            label,
+            "-o",
+            out_file,
+        ])
+    };
+    for run in [&simulate as &dyn Fn(&str) -> Output, &compile] {
+        for (label, why) in [("app", "has no '='"), ("=orders", "has an empty key")] {
+            let out = run(label);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "--label {label}: {stderr}");
+            assert!(stderr.contains("--label"), "{stderr}");
+            assert!(stderr.contains("KEY=VALUE"), "{stderr}");
+            assert!(stderr.contains(why), "{stderr}");
+            assert!(out.stdout.is_empty(), "{}", stdout(&out));
+        }
+    }
+    assert!(
+        !std::path::Path::new(out_file).exists(),
+        "compile wrote a policy for a label it could not read"
+    );
+
+    // Control: the same commands with the label well formed.
+    let out = simulate("app=orders");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout(&out).contains("decision: allow"), "{}", stdout(&out));
+    let out = compile("app=orders");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(std::path::Path::new(out_file).exists());
+}
+
+#[test]
+fn a_label_selects_which_policies_apply() {
+    // Before labels were parsed strictly, `--label app` was dropped and the
+    // workload had no labels at all; a real label that selects nothing must
+    // leave the example's routes out.
+    let run = |label: &str| {
+        let out = ctl(&[
+            "policy",
+            "simulate",
+            "examples/policies/orders-api.yaml",
+            "--path",
+            "/orders/1",
+            "--label",
+            label,
+            "--output",
+            "json",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("json")
+    };
+    assert_eq!(
+        run("app=orders")["route"],
+        "shop/orders-api/routes/read-orders"
+    );
+    assert_eq!(run("app=billing")["route"], serde_json::Value::Null);
+}

@@ -5,7 +5,10 @@
 //! - `/readyz`: 200 while a certificate is installed and not expired, else 503.
 //! - `/metrics`: Prometheus text format (version 0.0.4), written by hand.
 //! - `/config_dump`: what the agent enforces, as JSON, secrets redacted
-//!   ([`config_dump`]).
+//!   ([`config_dump`]). Loopback clients only.
+//!
+//! The probes and `/metrics` answer every client; every other path only
+//! clients on loopback, others get 403 ([`access`]).
 //!
 //! [`AdminState`] adds to the identity state: draining (SIGTERM turns
 //! `/readyz` to 503), whether a policy is required for readiness, and the
@@ -17,7 +20,7 @@
 use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -32,6 +35,7 @@ use tokio::sync::broadcast;
 use crate::identity::{CertStore, RenewalEvent};
 use crate::inbound::SharedPolicy;
 
+pub mod access;
 pub mod app_probe;
 pub mod config_dump;
 
@@ -407,6 +411,33 @@ fn answer(
     resp
 }
 
+/// The answer to a client that may not read `path` ([`access::allowed`]):
+/// `None` when it may. A refusal is 403 with a fixed body, for any method.
+pub fn refusal(peer: IpAddr, method: &Method, path: &str) -> Option<Response<Full<Bytes>>> {
+    if access::allowed(peer, path) {
+        return None;
+    }
+    tracing::debug!(
+        %peer,
+        ?path,
+        "admin endpoint: refused a loopback-only path to a client not on loopback"
+    );
+    let body = access::FORBIDDEN_BODY;
+    let mut resp = Response::new(Full::new(if method == Method::HEAD {
+        Bytes::new()
+    } else {
+        Bytes::from_static(body.as_bytes())
+    }));
+    *resp.status_mut() = StatusCode::FORBIDDEN;
+    let headers = resp.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    headers.insert(header::CONTENT_LENGTH, body.len().into());
+    Some(resp)
+}
+
 /// Binds the admin listener (so a taken port fails start-up, not later).
 pub async fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     TcpListener::bind(addr).await
@@ -455,8 +486,8 @@ where
 {
     let respond = Arc::new(respond);
     loop {
-        let tcp = match listener.accept().await {
-            Ok((tcp, _)) => tcp,
+        let (tcp, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
             Err(e) => {
                 // Out of file descriptors and the like: wait a little, go on.
                 tracing::warn!(error = %e, "admin endpoint: accept failed");
@@ -465,10 +496,20 @@ where
             }
         };
         let respond = respond.clone();
+        let peer = peer.ip();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let resp = respond(req);
-                async move { Ok::<_, Infallible>(resp.await) }
+                // Checked before anything reads the request or the state.
+                let answer = match refusal(peer, req.method(), req.uri().path()) {
+                    Some(refused) => Err(refused),
+                    None => Ok(respond(req)),
+                };
+                async move {
+                    Ok::<_, Infallible>(match answer {
+                        Ok(resp) => resp.await,
+                        Err(refused) => refused,
+                    })
+                }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(tcp), svc)
@@ -677,6 +718,75 @@ palisade_identity_renewal_failures_total 1
             resp.headers()[header::CONTENT_TYPE],
             "text/plain; version=0.0.4; charset=utf-8"
         );
+    }
+
+    #[tokio::test]
+    async fn loopback_only_paths_are_refused_to_other_peers() {
+        let remote: IpAddr = "10.0.0.9".parse().unwrap();
+        let mapped_remote: IpAddr = "::ffff:10.0.0.9".parse().unwrap();
+        for peer in [remote, mapped_remote] {
+            for method in [Method::GET, Method::POST] {
+                let resp = refusal(peer, &method, "/config_dump").expect("refused");
+                assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+                assert_eq!(
+                    resp.headers()[header::CONTENT_TYPE],
+                    "text/plain; charset=utf-8"
+                );
+                let bytes = http_body_util::BodyExt::collect(resp.into_body())
+                    .await
+                    .unwrap()
+                    .to_bytes();
+                assert_eq!(bytes, access::FORBIDDEN_BODY.as_bytes());
+            }
+            let head = refusal(peer, &Method::HEAD, "/config_dump").expect("refused");
+            assert_eq!(head.status(), StatusCode::FORBIDDEN);
+            assert_eq!(
+                head.headers()[header::CONTENT_LENGTH],
+                access::FORBIDDEN_BODY.len().to_string().as_str()
+            );
+            // Unknown paths too: a remote client cannot tell what exists.
+            assert!(refusal(peer, &Method::GET, "/nope").is_some());
+            for open in ["/healthz", "/readyz", "/metrics", "/app-health/ready"] {
+                assert!(refusal(peer, &Method::GET, open).is_none(), "{open}");
+            }
+        }
+        for local in ["127.0.0.1", "127.9.9.9", "::1", "::ffff:127.0.0.1"] {
+            let peer: IpAddr = local.parse().unwrap();
+            assert!(
+                refusal(peer, &Method::GET, "/config_dump").is_none(),
+                "{local}"
+            );
+        }
+    }
+
+    /// `GET path` over a real TCP connection to `addr`: status and body.
+    async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let request = format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
+        tcp.write_all(request.as_bytes()).await.unwrap();
+        let mut raw = String::new();
+        tcp.read_to_string(&mut raw).await.unwrap();
+        let status = raw.split(' ').nth(1).unwrap().parse().unwrap();
+        let body = raw.split_once("\r\n\r\n").unwrap().1.to_owned();
+        (status, body)
+    }
+
+    #[tokio::test]
+    async fn a_loopback_client_of_the_real_listener_gets_the_dump() {
+        let state = Arc::new(AdminState::new(Arc::new(IdentityStatus::new(Arc::new(
+            CertStore::new(),
+        )))));
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(serve_state(listener, state));
+        let (status, body) = get(addr, "/config_dump").await;
+        assert_eq!(status, 200, "{body}");
+        let dump: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(dump["identity"], serde_json::Value::Null);
+        assert_eq!(get(addr, "/healthz").await, (200, "ok\n".to_owned()));
+        assert_eq!(get(addr, "/nope").await.0, 404);
+        server.abort();
     }
 
     async fn body(state: &AdminState, path: &str) -> String {

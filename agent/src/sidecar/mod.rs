@@ -86,7 +86,8 @@ pub struct SidecarOptions {
     pub outbound_detect_timeout: Duration,
     /// Longest the outbound proxy's TCP connect to a destination may take.
     pub outbound_connect_timeout: Duration,
-    /// `/healthz`, `/readyz`, `/metrics`; `None`: no admin endpoint.
+    /// `/healthz`, `/readyz`, `/metrics`, `/app-health/*` for every client,
+    /// `/config_dump` for loopback clients only; `None`: no admin endpoint.
     pub admin: Option<SocketAddr>,
     /// The Redis shared for `scope: global` rate limits; `None`: every
     /// global limit acts as its `failureMode` says.
@@ -265,6 +266,11 @@ impl Sidecar {
             let listener = admin::bind(addr)
                 .await
                 .with_context(|| format!("cannot listen on {addr} (--admin)"))?;
+            let bound = listener.local_addr().context("admin listener address")?;
+            tracing::info!(
+                addr = %bound,
+                "admin endpoint listening (probes and /metrics for all; /config_dump on loopback only)"
+            );
             tokio::spawn(admin::serve_state(listener, admin_state.clone()));
         }
         let (proxies, shutdown) = serve(inbound_proxies, outbound_proxies);

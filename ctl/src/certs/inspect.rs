@@ -14,6 +14,8 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use serde_json::{Value, json};
 
+use crate::output::outln;
+
 #[derive(Clone, Copy, ValueEnum)]
 pub enum Output {
     Text,
@@ -76,8 +78,8 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<ExitCode> {
         }
     }
     match args.output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
-        Output::Text => print_text(&report),
+        Output::Json => outln!("{}", serde_json::to_string_pretty(&report)?)?,
+        Output::Text => print_text(&report)?,
     }
     Ok(if ok {
         ExitCode::SUCCESS
@@ -225,28 +227,29 @@ fn summary_json(s: &CertificateSummary) -> Value {
     })
 }
 
-fn print_text(report: &Value) {
+fn print_text(report: &Value) -> std::io::Result<()> {
     match report["spiffeId"].as_str() {
-        Some(id) => println!("spiffe id: {id}"),
-        None => println!(
+        Some(id) => outln!("spiffe id: {id}")?,
+        None => outln!(
             "spiffe id: none ({})",
             report["spiffeIdError"].as_str().unwrap_or("unknown")
-        ),
+        )?,
     }
     for (i, c) in report["chain"].as_array().into_iter().flatten().enumerate() {
         let role = if i == 0 { "leaf" } else { "chain" };
-        println!("[{i}] {role}");
+        outln!("[{i}] {role}")?;
         for key in ["subject", "issuer", "serial", "notBefore", "notAfter"] {
-            println!("    {key}: {}", c[key].as_str().unwrap_or("-"));
+            outln!("    {key}: {}", c[key].as_str().unwrap_or("-"))?;
         }
-        println!("    uriSans: {}", c["uriSans"]);
-        println!("    dnsSans: {}", c["dnsSans"]);
-        println!("    isCa: {}", c["isCa"]);
+        outln!("    uriSans: {}", c["uriSans"])?;
+        outln!("    dnsSans: {}", c["dnsSans"])?;
+        outln!("    isCa: {}", c["isCa"])?;
     }
     if let Some(v) = report.get("verifiesAgainstBundle") {
-        println!("verifies against bundle: {v}");
+        outln!("verifies against bundle: {v}")?;
         if let Some(e) = report["verifyError"].as_str() {
-            println!("    {e}");
+            outln!("    {e}")?;
         }
     }
+    Ok(())
 }

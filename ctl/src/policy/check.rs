@@ -3,6 +3,8 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use crate::output::outln;
+
 pub fn run(files: &[PathBuf]) -> anyhow::Result<ExitCode> {
     let mut failed = false;
     let mut count = 0;
@@ -10,7 +12,7 @@ pub fn run(files: &[PathBuf]) -> anyhow::Result<ExitCode> {
         let loaded = match super::read_file(file) {
             Ok(l) => l,
             Err(e) => {
-                println!("{}: {e:#}", file.display());
+                outln!("{}: {e:#}", file.display())?;
                 failed = true;
                 continue;
             }
@@ -18,23 +20,23 @@ pub fn run(files: &[PathBuf]) -> anyhow::Result<ExitCode> {
         for result in loaded {
             count += 1;
             match result {
-                Ok(p) => println!(
+                Ok(p) => outln!(
                     "{}: {}/{}: ok",
                     file.display(),
                     p.metadata.namespace.as_deref().unwrap_or("default"),
                     p.metadata.name.as_deref().unwrap_or("")
-                ),
+                )?,
                 Err((label, errors)) => {
                     failed = true;
                     for e in errors.0 {
-                        println!("{}: {label}: {e}", file.display());
+                        outln!("{}: {label}: {e}", file.display())?;
                     }
                 }
             }
         }
     }
     if count == 0 && !failed {
-        println!("no policies found");
+        outln!("no policies found")?;
         return Ok(ExitCode::FAILURE);
     }
     Ok(if failed {

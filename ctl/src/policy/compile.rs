@@ -10,6 +10,8 @@ use prost::Message;
 
 use super::simulate::WorkloadArgs;
 
+use crate::output::outln;
+
 #[derive(Args)]
 pub struct CompileArgs {
     /// Policy files.
@@ -28,13 +30,13 @@ pub fn run(args: &CompileArgs) -> anyhow::Result<ExitCode> {
     let compiled = compile_workload(&policies, &workload, &MeshConfig::default(), &NoSecrets)?;
     std::fs::write(&args.output, compiled.encode_to_vec())
         .with_context(|| format!("cannot write {}", args.output.display()))?;
-    println!(
+    outln!(
         "compiled {} policies ({} routes) for {} as version {} into {}",
         compiled.sources.len(),
         compiled.routes.len(),
         compiled.workload,
         compiled.version,
         args.output.display()
-    );
+    )?;
     Ok(ExitCode::SUCCESS)
 }

@@ -15,12 +15,14 @@ use palisade_policy::identity::SpiffeId;
 use palisade_policy::request_shape;
 use serde_json::{Value, json};
 
+use crate::output::outln;
+
 /// Which workload the policies are compiled for.
 #[derive(Args)]
 pub struct WorkloadArgs {
-    /// Workload label (repeatable). Without any, every policy in the files applies.
-    #[arg(long = "label", value_name = "KEY=VALUE")]
-    labels: Vec<String>,
+    /// Workload label (repeatable), e.g. app=orders. Without any, every policy in the files applies.
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
     /// Workload namespace. Default: the first policy's namespace.
     #[arg(long)]
     namespace: Option<String>,
@@ -41,12 +43,7 @@ impl WorkloadArgs {
                 .and_then(|p| p.metadata.namespace.clone())
                 .unwrap_or_else(|| "default".into())
         });
-        let labels = self
-            .labels
-            .iter()
-            .filter_map(|l| l.split_once('='))
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .collect();
+        let labels = self.labels.iter().cloned().collect();
         if self.labels.is_empty() {
             for p in &mut policies {
                 p.spec.selector = None;
@@ -60,6 +57,21 @@ impl WorkloadArgs {
             ports: Vec::new(),
         };
         (policies, workload)
+    }
+}
+
+/// `--label KEY=VALUE`: a non-empty key, `=`, and a value (which may be
+/// empty, as in Kubernetes). Anything else is refused, not skipped: a
+/// dropped label would select other policies than the user asked for.
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_owned(), value.to_owned())),
+        Some(_) => Err(format!(
+            "{text:?} has an empty key; expected KEY=VALUE, e.g. app=orders"
+        )),
+        None => Err(format!(
+            "{text:?} has no '='; expected KEY=VALUE, e.g. app=orders"
+        )),
     }
 }
 
@@ -210,8 +222,8 @@ pub fn run(args: &SimulateArgs) -> anyhow::Result<ExitCode> {
         report["repeat"] = json!({"sent": args.repeat, "admitted": admitted});
     }
     match args.output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
-        Output::Text => print_text(&report),
+        Output::Json => outln!("{}", serde_json::to_string_pretty(&report)?)?,
+        Output::Text => print_text(&report)?,
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -287,51 +299,52 @@ fn report(d: &Decision<'_, '_>) -> Value {
     out
 }
 
-fn print_text(report: &Value) {
+fn print_text(report: &Value) -> std::io::Result<()> {
     let field = |k: &str| match &report[k] {
         Value::Null => "-".to_owned(),
         Value::String(s) => s.clone(),
         other => other.to_string(),
     };
-    println!("decision: {}", field("decision"));
-    println!("status:   {}", field("status"));
-    println!("reason:   {}", field("reason"));
-    println!("rule:     {}", field("rule"));
-    println!("route:    {}", field("route"));
-    println!("path:     {}", field("normalizedPath"));
+    outln!("decision: {}", field("decision"))?;
+    outln!("status:   {}", field("status"))?;
+    outln!("reason:   {}", field("reason"))?;
+    outln!("rule:     {}", field("rule"))?;
+    outln!("route:    {}", field("route"))?;
+    outln!("path:     {}", field("normalizedPath"))?;
     if let Some(a) = report.get("auditMode") {
-        println!(
+        outln!(
             "audit mode would: {} {} ({}, rule {})",
             a["decision"].as_str().unwrap_or("-"),
             a["status"],
             a["reason"].as_str().unwrap_or("-"),
             a["rule"].as_str().unwrap_or("-")
-        );
+        )?;
     }
     if let Some(rl) = report.get("rateLimit") {
-        println!(
+        outln!(
             "rate limit: {} remaining {}/{} (retry after {} ms)",
             rl["limit"].as_str().unwrap_or("-"),
             rl["remaining"],
             rl["max"],
             rl["retryAfterMs"]
-        );
+        )?;
     }
     if let Some(g) = report.get("globalLimits") {
-        println!("global limits (checked in Redis by the agent): {g}");
+        outln!("global limits (checked in Redis by the agent): {g}")?;
     }
     if let Some(Value::Object(h)) = report.get("responseHeaders") {
         for (k, v) in h {
-            println!("response header: {k}: {}", v.as_str().unwrap_or_default());
+            outln!("response header: {k}: {}", v.as_str().unwrap_or_default())?;
         }
     }
     if let Some(b) = report.get("bodyValidation") {
-        println!("body validation: {b}");
+        outln!("body validation: {b}")?;
     }
     if report.get("responseMasking").is_some() {
-        println!("response masking: on");
+        outln!("response masking: on")?;
     }
     if let Some(r) = report.get("repeat") {
-        println!("repeat: admitted {} of {}", r["admitted"], r["sent"]);
+        outln!("repeat: admitted {} of {}", r["admitted"], r["sent"])?;
     }
+    Ok(())
 }
