@@ -175,10 +175,29 @@ struct RunArgs {
     /// Longest one global rate-limit check may wait for Redis, in milliseconds.
     #[arg(long, default_value_t = 50, value_name = "MS")]
     ratelimit_timeout_ms: u64,
-    /// App ports proxied as opaque TCP (mTLS and identity-level authorization only), e.g.
-    /// 5432,6379. Other ports detect HTTP per connection.
+    /// App ports proxied as opaque TCP (mTLS and identity-level authorization only) when the
+    /// policy declares nothing about them, e.g. 5432,6379. A port the policy declares `tcp` is
+    /// opaque without this; one it gives HTTP rules is always HTTP. Every other port is HTTP: a
+    /// connection there that does not speak HTTP is closed and audited.
     #[arg(long, value_delimiter = ',', value_name = "PORTS")]
     opaque_ports: Vec<u16>,
+    /// On HTTP ports, how long a connection without ALPN may stay silent before its first
+    /// bytes; after it the connection is closed and audited (never tunnelled).
+    #[arg(long, default_value_t = 10_000, value_name = "MS")]
+    detect_timeout_ms: u64,
+    /// `Upgrade` protocols passed on to the app, comma-separated (e.g. websocket). Any other
+    /// upgrade, and h2c always, is refused with 400.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "websocket",
+        value_name = "PROTOCOLS"
+    )]
+    upgrade_protocols: Vec<String>,
+    /// Inbound requests in flight (arrived, response head not yet sent) across all
+    /// connections; more are answered 503 with Retry-After.
+    #[arg(long, default_value_t = 10_000, value_name = "N")]
+    max_requests_in_flight: usize,
     /// App ports that only speak HTTP/1.1 even to HTTP/2 clients: PORT=http1 (repeatable).
     /// By default the app gets the client's protocol (HTTP/2 as h2c).
     #[arg(long, value_parser = parse_app_protocol, value_name = "PORT=http1")]
@@ -606,6 +625,14 @@ fn sidecar_options(args: RunArgs) -> anyhow::Result<SidecarOptions> {
             config
         }),
         opaque_ports: args.opaque_ports,
+        detect_timeout: Duration::from_millis(args.detect_timeout_ms),
+        upgrade_protocols: args
+            .upgrade_protocols
+            .iter()
+            .map(|p| p.trim().to_ascii_lowercase())
+            .filter(|p| !p.is_empty())
+            .collect(),
+        max_requests_in_flight: args.max_requests_in_flight,
         app_protocols: args.app_protocol,
         drain_timeout: Duration::from_secs(args.drain_timeout),
         app_probes: args.app_probe,

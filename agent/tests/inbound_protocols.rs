@@ -1,6 +1,7 @@
 //! Protocols through the inbound proxy on loopback with real mTLS: HTTP/2
 //! to an h2c app with streaming and trailers, gRPC-shaped exchanges and
-//! denials, WebSocket upgrades, opaque TCP, and detection on `auto` ports.
+//! denials, WebSocket upgrades, opaque TCP on ports declared so, and
+//! detection on HTTP ports (never a fallback to opaque).
 //! Every app here records what it received.
 
 mod common;
@@ -451,20 +452,32 @@ async fn tcp_app(banner: bool) -> (Log, SocketAddr) {
     (log, addr)
 }
 
-#[tokio::test]
-async fn opaque_port_echoes_after_mtls_and_refuses_plaintext_and_denied_identities() {
-    let (log, app) = tcp_app(false).await;
-    let p = proxy(app, |c| {
-        c.port_protocols.insert(app.port(), PortProtocol::Opaque);
-    })
-    .await;
+/// The same identity rules, with the HTTP routes kept to `http_port`: the
+/// app's port has identity-level rules only, so it may be opaque.
+fn opaque_policy(http_port: u16, declare_tcp: Option<u16>) -> pb::WorkloadPolicy {
+    let mut p = policy();
+    for r in &mut p.routes {
+        if r.path.is_some() {
+            r.ports = vec![u32::from(http_port)];
+        }
+    }
+    if let Some(port) = declare_tcp {
+        p.ports.push(pb::PortPolicy {
+            port: u32::from(port),
+            mtls: pb::MtlsMode::Strict as i32,
+            protocol: pb::PortProtocol::Tcp as i32,
+        });
+    }
+    p
+}
 
-    // Plaintext: no TLS, no identity: cut off, the app sees nothing.
+/// Plaintext and a denied identity are cut off before the app sees a byte;
+/// an admitted identity gets bytes both ways, whatever they are.
+async fn assert_opaque(p: &TestProxy, log: &Log) {
     let tcp = TcpStream::connect(p.addr).await.unwrap();
     let buf = exchange(tcp, b"PING plaintext\r\n", false, WAIT).await;
     assert!(!buf.windows(9).any(|w| w == b"plaintext"));
 
-    // A mesh identity the policy denies: cut off before the app sees a byte.
     let mut tls = p.tls_as(EVIL, None).await.unwrap();
     let _ = tls.write_all(b"let me in").await;
     let mut buf = Vec::new();
@@ -473,7 +486,6 @@ async fn opaque_port_echoes_after_mtls_and_refuses_plaintext_and_denied_identiti
     assert!(buf.is_empty());
     assert!(log.lock().is_empty(), "{:?}", log.lock());
 
-    // An admitted identity: bytes both ways, whatever they are.
     let mut tls = p.tls_as(WEB, None).await.unwrap();
     for msg in [&b"\x00\x01binary"[..], b"GET / HTTP/1.1\r\n\r\n"] {
         tls.write_all(msg).await.unwrap();
@@ -490,26 +502,110 @@ async fn opaque_port_echoes_after_mtls_and_refuses_plaintext_and_denied_identiti
 }
 
 #[tokio::test]
-async fn auto_port_detects_http_and_passes_server_first_protocols() {
+async fn opaque_port_from_the_flag_echoes_after_mtls_and_refuses_plaintext_and_denied_identities() {
+    let (log, app) = tcp_app(false).await;
+    let policy = opaque_policy(app.port().wrapping_add(1), None);
+    let p = TestProxy::start(app, shared(Some(policy)), |c| {
+        c.port_protocols.insert(app.port(), PortProtocol::Opaque);
+    })
+    .await;
+    assert_opaque(&p, &log).await;
+}
+
+#[tokio::test]
+async fn opaque_port_declared_by_the_policy_needs_no_flag() {
+    let (log, app) = tcp_app(false).await;
+    let policy = opaque_policy(app.port().wrapping_add(1), Some(app.port()));
+    let p = TestProxy::start(app, shared(Some(policy)), |_| {}).await;
+    assert_opaque(&p, &log).await;
+}
+
+/// The bypass this guards against: `--opaque-ports` (or a policy's `tcp`)
+/// on a port that policy gives HTTP rules must not switch them off.
+#[tokio::test]
+async fn a_port_with_http_rules_is_never_opaque_whatever_the_flag_says() {
+    let (log, app) = tcp_app(false).await;
+    let p = proxy(app, |c| {
+        c.port_protocols.insert(app.port(), PortProtocol::Opaque);
+        c.detect_timeout = Duration::from_millis(200);
+    })
+    .await;
+    // A request for a denied path is answered by the agent, as HTTP.
+    let mut tls = p.tls_as(WEB, None).await.unwrap();
+    tls.write_all(b"GET /admin/users HTTP/1.1\r\nHost: orders\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let buf = read_for(&mut tls, WAIT).await;
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.starts_with("HTTP/1.1 403"), "{text}");
+    // Bytes that are not HTTP are not tunnelled: closed, the app sees nothing.
+    let mut tls = p.tls_as(WEB, None).await.unwrap();
+    let _ = tls.write_all(b"\x00\x01binary").await;
+    let buf = read_for(&mut tls, WAIT).await;
+    assert!(buf.is_empty(), "{buf:?}");
+    assert!(log.lock().is_empty(), "{:?}", log.lock());
+}
+
+/// Reads until the agent closes (or `wait` passes, failing the test).
+async fn read_for<S: AsyncRead + Unpin>(s: &mut S, wait: Duration) -> Vec<u8> {
+    let mut buf = Vec::new();
+    tokio::time::timeout(wait, s.read_to_end(&mut buf))
+        .await
+        .expect("the agent closes the connection")
+        .ok();
+    buf
+}
+
+/// The fallback attack (issue: "HTTP policy bypass through the opaque
+/// fallback"): a mesh client that opens mTLS without ALPN and stays silent
+/// past the detection timeout, or sends one byte and stalls, is closed, and
+/// nothing it sends afterwards reaches the app. HTTP without ALPN is still
+/// detected and judged as HTTP.
+#[tokio::test]
+async fn a_silent_or_stalling_client_is_closed_never_tunnelled() {
     let (log, app) = tcp_app(true).await;
     let p = proxy(app, |c| c.detect_timeout = Duration::from_millis(200)).await;
 
-    // HTTP without ALPN: detected from the first bytes, proxied as HTTP.
     let mut tls = p.tls_as(WEB, None).await.unwrap();
     tls.write_all(b"GET /hello HTTP/1.1\r\nHost: orders.shop\r\nConnection: close\r\n\r\n")
         .await
         .unwrap();
-    let mut resp = Vec::new();
-    tokio::time::timeout(WAIT, tls.read_to_end(&mut resp))
-        .await
-        .unwrap()
-        .unwrap();
+    let resp = read_for(&mut tls, WAIT).await;
     let resp = String::from_utf8_lossy(&resp);
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
-    assert!(resp.ends_with("http"), "{resp}");
 
-    // Server-first: the client says nothing; after the detection timeout
-    // the connection is opaque and the app's banner arrives.
+    // Silent: the agent closes once the detection timeout passes (waited on
+    // as the close, not as a sleep); a request written after that is lost.
+    let mut silent = p.tls_as(WEB, None).await.unwrap();
+    let mut one = [0u8; 1];
+    let closed = tokio::time::timeout(WAIT, silent.read(&mut one)).await;
+    assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "{closed:?}");
+    let _ = silent
+        .write_all(b"GET /admin/users HTTP/1.1\r\nHost: orders\r\n\r\n")
+        .await;
+
+    // One byte, then a stall past the timeout: closed too.
+    let mut stall = p.tls_as(WEB, None).await.unwrap();
+    stall.write_all(b"G").await.unwrap();
+    let closed = tokio::time::timeout(WAIT, stall.read(&mut one)).await;
+    assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "{closed:?}");
+    let _ = stall
+        .write_all(b"ET /admin/users HTTP/1.1\r\nHost: orders\r\n\r\n")
+        .await;
+
+    // The app saw the one HTTP request, nothing else: no banner exchange,
+    // no /admin.
+    let log = log.lock().clone();
+    assert_eq!(log, ["connect", "GET /hello HTTP/1.1"], "{log:?}");
+}
+
+/// A server-first protocol (the app speaks first) works on a port the
+/// policy declares `tcp`, and only there.
+#[tokio::test]
+async fn server_first_protocols_need_a_tcp_port() {
+    let (log, app) = tcp_app(true).await;
+    let policy = opaque_policy(app.port().wrapping_add(1), Some(app.port()));
+    let p = TestProxy::start(app, shared(Some(policy)), |_| {}).await;
     let mut tls = p.tls_as(WEB, None).await.unwrap();
     let mut banner = [0u8; 7];
     tokio::time::timeout(WAIT, tls.read_exact(&mut banner))
@@ -524,11 +620,7 @@ async fn auto_port_detects_http_and_passes_server_first_protocols() {
         .unwrap()
         .unwrap();
     assert_eq!(&echo, b"HELO");
-
-    // HTTP with ALPN h2/http/1.1 would skip detection; an HTTP request was
-    // seen as HTTP (with the agent's normalisation), the other as bytes.
     let log = log.lock().clone();
-    assert!(log.contains(&"GET /hello HTTP/1.1".to_owned()), "{log:?}");
     assert!(log.contains(&"banner".to_owned()), "{log:?}");
     assert!(log.contains(&"data HELO".to_owned()), "{log:?}");
 }

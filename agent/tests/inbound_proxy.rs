@@ -386,7 +386,8 @@ async fn a_policy_swap_applies_to_new_requests_while_in_flight_ones_finish_on_th
         ..Default::default()
     }];
     v2.routes.push(orders);
-    let previous = policy.replace(LoadedPolicy::load(v2, JwtOptions::default()).expect("v2 loads"));
+    let previous =
+        policy.replace(LoadedPolicy::load(v2, JwtOptions::default(), None).expect("v2 loads"));
     assert_eq!(previous.expect("v1 was loaded").engine.version(), "v1");
 
     // New requests are decided by v2, without ever reaching the app.

@@ -107,6 +107,7 @@ fn decide(c: &mut Criterion) {
             jwt_claims: None,
             api_key_client: None,
             credential_error: None,
+            has_body: false,
             time: RequestTime {
                 unix_seconds: 1_795_608_000,
                 monotonic: Duration::from_secs(1),

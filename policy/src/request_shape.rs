@@ -80,7 +80,7 @@ pub struct ShapeOptions<'a> {
     pub drop_underscore_headers: bool,
     /// `Upgrade` protocols allowed (lower case, without version), e.g.
     /// `websocket`. `h2c` is refused even when listed.
-    pub upgrade_protocols: &'a [&'a str],
+    pub upgrade_protocols: &'a [String],
 }
 
 /// Refuses an ambiguous request. Underscore headers are removed from
@@ -169,7 +169,7 @@ fn underscore_headers(headers: &mut HeaderMap, drop: bool) -> Result<(), ShapeEr
 /// Every protocol an `Upgrade` header offers must be allowed; `h2c` never
 /// is (a connection upgraded to HTTP/2 would carry requests the agent never
 /// sees one by one).
-fn upgrade(headers: &HeaderMap, allowed: &[&str]) -> Result<(), ShapeError> {
+fn upgrade(headers: &HeaderMap, allowed: &[String]) -> Result<(), ShapeError> {
     for value in headers.get_all(header::UPGRADE) {
         let Ok(text) = value.to_str() else {
             return Err(ShapeError::UpgradeRefused);
@@ -191,10 +191,9 @@ mod tests {
     use super::*;
     use http::HeaderValue;
 
-    const WS: ShapeOptions<'static> = ShapeOptions {
-        drop_underscore_headers: false,
-        upgrade_protocols: &["websocket"],
-    };
+    fn websocket() -> Vec<String> {
+        vec!["websocket".to_owned()]
+    }
 
     fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
@@ -223,21 +222,44 @@ mod tests {
     }
 
     fn h1(pairs: &[(&'static str, &'static str)]) -> Result<HeaderMap, ShapeError> {
-        run("GET", Version::HTTP_11, None, pairs, &WS)
+        run("GET", Version::HTTP_11, None, pairs, &ws(&websocket()))
+    }
+
+    fn ws(protocols: &[String]) -> ShapeOptions<'_> {
+        ShapeOptions {
+            drop_underscore_headers: false,
+            upgrade_protocols: protocols,
+        }
     }
 
     #[test]
     fn a_plain_request_passes() {
         assert!(h1(&[("host", "orders"), ("content-type", "application/json")]).is_ok());
-        assert!(run("GET", Version::HTTP_10, None, &[], &WS).is_ok());
-        assert!(run("GET", Version::HTTP_2, Some("orders"), &[], &WS).is_ok());
+        assert!(run("GET", Version::HTTP_10, None, &[], &ws(&websocket())).is_ok());
+        assert!(
+            run(
+                "GET",
+                Version::HTTP_2,
+                Some("orders"),
+                &[],
+                &ws(&websocket())
+            )
+            .is_ok()
+        );
     }
 
     #[test]
     fn methods_must_be_registered_and_upper_case() {
         for m in ["get", "Get", "FOO", "PROPFIND"] {
             assert_eq!(
-                run(m, Version::HTTP_11, None, &[("host", "a")], &WS).unwrap_err(),
+                run(
+                    m,
+                    Version::HTTP_11,
+                    None,
+                    &[("host", "a")],
+                    &ws(&websocket())
+                )
+                .unwrap_err(),
                 ShapeError::UnknownMethod,
                 "{m}"
             );
@@ -257,7 +279,7 @@ mod tests {
                 Version::HTTP_11,
                 Some("orders:8080"),
                 &[("host", host)],
-                &WS,
+                &ws(&websocket()),
             )
         };
         assert!(abs("orders:8080").is_ok());
@@ -265,20 +287,36 @@ mod tests {
         assert_eq!(abs("admin:8080").unwrap_err(), ShapeError::HostMismatch);
         assert_eq!(abs("orders").unwrap_err(), ShapeError::HostMismatch);
         // The authority alone is enough: it is the host.
-        assert!(run("GET", Version::HTTP_11, Some("orders"), &[], &WS).is_ok());
+        assert!(
+            run(
+                "GET",
+                Version::HTTP_11,
+                Some("orders"),
+                &[],
+                &ws(&websocket())
+            )
+            .is_ok()
+        );
         assert_eq!(
             run(
                 "GET",
                 Version::HTTP_2,
                 Some("orders"),
                 &[("host", "admin")],
-                &WS
+                &ws(&websocket())
             )
             .unwrap_err(),
             ShapeError::HostMismatch
         );
         assert_eq!(
-            run("GET", Version::HTTP_11, Some("u:p@orders"), &[], &WS).unwrap_err(),
+            run(
+                "GET",
+                Version::HTTP_11,
+                Some("u:p@orders"),
+                &[],
+                &ws(&websocket())
+            )
+            .unwrap_err(),
             ShapeError::Userinfo
         );
     }
@@ -311,7 +349,7 @@ mod tests {
             ambiguous_framing: true,
         };
         assert_eq!(
-            check(&head, &mut headers(&[("host", "a")]), &WS),
+            check(&head, &mut headers(&[("host", "a")]), &ws(&websocket())),
             Err(ShapeError::AmbiguousFraming)
         );
         assert_eq!(
@@ -331,9 +369,10 @@ mod tests {
             h1(&[("host", "a"), ("x_role", "admin")]).unwrap_err(),
             ShapeError::UnderscoreHeader
         );
+        let protocols = websocket();
         let drop = ShapeOptions {
             drop_underscore_headers: true,
-            ..WS
+            ..ws(&protocols)
         };
         let h = run(
             "GET",
@@ -358,10 +397,8 @@ mod tests {
                 "{bad}"
             );
         }
-        let h2c_listed = ShapeOptions {
-            upgrade_protocols: &["websocket", "h2c"],
-            ..WS
-        };
+        let listed = vec!["websocket".to_owned(), "h2c".to_owned()];
+        let h2c_listed = ws(&listed);
         assert_eq!(
             run(
                 "GET",

@@ -71,9 +71,17 @@ impl PrometheusSource for crate::inbound::ConnectionStats {
              palisade_inbound_connections_active {}\n\
              # HELP palisade_inbound_connections_refused_total Inbound connections closed at once because the connection limit was reached.\n\
              # TYPE palisade_inbound_connections_refused_total counter\n\
-             palisade_inbound_connections_refused_total {}",
+             palisade_inbound_connections_refused_total {}\n\
+             # HELP palisade_inbound_requests_in_flight Inbound requests between arrival and their response head.\n\
+             # TYPE palisade_inbound_requests_in_flight gauge\n\
+             palisade_inbound_requests_in_flight {}\n\
+             # HELP palisade_inbound_requests_shed_total Inbound requests answered 503 because the in-flight cap was reached.\n\
+             # TYPE palisade_inbound_requests_shed_total counter\n\
+             palisade_inbound_requests_shed_total {}",
             self.active(),
-            self.refused()
+            self.refused(),
+            self.requests_in_flight(),
+            self.requests_shed()
         );
     }
 }

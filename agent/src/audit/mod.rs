@@ -1,12 +1,18 @@
 //! Audit events (DESIGN §7): one record per decision, never a secret or a
-//! body. Denials are always recorded; allowed requests are sampled per the
-//! policy's `audit.samplePercent`. Events are written as structured log
+//! body. Denials are always recorded, and so is any decision an audit-mode
+//! policy would have made differently (what audit mode is for); other
+//! allowed requests are sampled per the policy's `audit.samplePercent`.
+//! [`AuditEvent::under`] is the one builder: requests, opaque connections,
+//! connections that never spoke HTTP and revoked tunnels all start from it.
+//! Events are written as structured log
 //! records on the `palisade::audit` target (one JSON object per line with
 //! `RUST_LOG_FORMAT=json`); streaming them to the collector is the audit
 //! pipeline's job.
 
 use std::net::IpAddr;
 use std::time::Duration;
+
+use palisade_policy::PolicyEngine;
 
 /// The `tracing` target audit records are written under, so they can be
 /// filtered (`RUST_LOG=palisade::audit=info`) or shipped separately.
@@ -41,11 +47,24 @@ pub struct AuditEvent<'a> {
     pub shadow_reason: Option<&'a str>,
 }
 
-impl AuditEvent<'_> {
-    /// Writes the event if it is to be recorded: always for a denial, for
-    /// an allowed request with probability `sample_percent`/100.
-    pub fn record(&self, sample_percent: u32) {
-        if self.allowed && !sampled(sample_percent) {
+impl<'a> AuditEvent<'a> {
+    /// An event about a decision made under `engine` (`None`: no policy was
+    /// loaded): the destination workload and policy version filled in.
+    pub fn under(engine: Option<&'a PolicyEngine>) -> Self {
+        Self {
+            destination_workload: engine.map_or("", |e| e.policy().workload.as_str()),
+            policy_version: engine.map_or("", |e| e.version()),
+            ..Default::default()
+        }
+    }
+
+    /// Writes the event if it is to be recorded under `engine`'s sampling:
+    /// always for a denial or a decision audit mode disagrees with (a
+    /// `shadow_reason`), for another allowed one with probability
+    /// `samplePercent`/100.
+    pub fn record(&self, engine: Option<&PolicyEngine>) {
+        let sample_percent = engine.map_or(0, |e| e.audit_config().sample_percent);
+        if self.allowed && self.shadow_reason.is_none() && !sampled(sample_percent) {
             return;
         }
         self.write();
@@ -114,6 +133,48 @@ mod tests {
             None
         );
         assert_eq!(trace_id(None), None);
+    }
+
+    #[test]
+    fn audit_mode_findings_are_recorded_whatever_the_sampling() {
+        // `write` goes to tracing; count what reaches a subscriber.
+        use std::sync::{Arc, Mutex};
+        #[derive(Clone, Default)]
+        struct Count(Arc<Mutex<usize>>);
+        impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Count {
+            fn on_event(
+                &self,
+                e: &tracing::Event<'_>,
+                _: tracing_subscriber::layer::Context<'_, S>,
+            ) {
+                if e.metadata().target() == TARGET {
+                    *self.0.lock().unwrap() += 1;
+                }
+            }
+        }
+        use tracing_subscriber::layer::SubscriberExt;
+        let count = Count::default();
+        let subscriber = tracing_subscriber::registry().with(count.clone());
+        tracing::subscriber::with_default(subscriber, || {
+            let allowed = AuditEvent {
+                allowed: true,
+                ..AuditEvent::under(None)
+            };
+            allowed.record(None);
+            let would_deny = AuditEvent {
+                shadow_reason: Some("authz.deny_rule"),
+                ..AuditEvent::under(None)
+            };
+            let would_deny = AuditEvent {
+                allowed: true,
+                ..would_deny
+            };
+            would_deny.record(None);
+            AuditEvent::under(None).record(None);
+        });
+        // Sampling 0 %: the plain allowed request is dropped, the audit-mode
+        // finding and the denial are not.
+        assert_eq!(*count.0.lock().unwrap(), 2);
     }
 
     #[test]

@@ -387,7 +387,11 @@ impl PolicyWatcher {
     }
 
     fn load(&self, policy: WorkloadPolicy) -> anyhow::Result<LoadedPolicy> {
-        LoadedPolicy::load(policy, self.config.jwt_options.clone())
+        LoadedPolicy::load(
+            policy,
+            self.config.jwt_options.clone(),
+            self.policy.current().as_deref(),
+        )
     }
 
     fn nack(&self, version: String, reason: String) -> WatchRequest {

@@ -1,5 +1,5 @@
-//! The detect step: which protocol a connection speaks, from the ALPN the
-//! TLS handshake agreed on or from its first bytes.
+//! The detect step: which HTTP version a connection on an HTTP port speaks,
+//! from the ALPN the TLS handshake agreed on or from its first bytes.
 //!
 //! - ALPN `h2` → HTTP/2, `http/1.1` → HTTP/1 (no bytes read).
 //! - First bytes the HTTP/2 connection preface (`PRI * HTTP/2.0…`) → HTTP/2
@@ -7,9 +7,11 @@
 //! - First bytes a method token (any length) followed by a space → HTTP/1;
 //!   still undecided after [`MAX_SNIFF`] bytes → HTTP/1 too (its parser
 //!   refuses what is not HTTP).
-//! - Anything else → opaque. On a port left to `auto`, nothing within the
-//!   detection timeout (a server-first protocol such as MySQL or SMTP waits
-//!   for the server's greeting) → opaque too.
+//! - Anything else is not HTTP, and nothing within the detection timeout
+//!   is silence: either way the connection is closed and audited by the
+//!   caller. Detection never picks opaque TCP: a port is opaque only when
+//!   the policy declares it so (DESIGN §6), never because a client was slow
+//!   or odd — that would hand its bytes to the app past every HTTP rule.
 //!
 //! The bytes read to decide are replayed to whatever serves the connection
 //! ([`Rewind`]).
@@ -21,16 +23,15 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
 
-/// How traffic on an application port is treated (per-port configuration).
+/// How the agent treats an application port the policy declares nothing
+/// about (`--opaque-ports` sets `Opaque`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum PortProtocol {
-    /// Detect HTTP from the first bytes; anything else is opaque.
+    /// HTTP/1 or HTTP/2, detected per connection.
     #[default]
-    Auto,
-    /// Always HTTP (HTTP/1 or HTTP/2, from ALPN or the preface); no timeout
-    /// wait for server-first protocols.
     Http,
-    /// Opaque TCP: mTLS and identity-level authorization only.
+    /// Opaque TCP: mTLS and identity-level authorization only. The policy
+    /// overrides this for a port it gives HTTP rules.
     Opaque,
 }
 
@@ -39,7 +40,19 @@ pub enum PortProtocol {
 pub enum Detected {
     Http1,
     Http2,
-    Opaque,
+    /// Bytes that cannot start an HTTP request.
+    NotHttp,
+}
+
+/// How sniffing ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Sniffed {
+    /// The first bytes decided; they are to be replayed.
+    Decided(Detected, Vec<u8>),
+    /// Nothing conclusive within the timeout (`bytes` read so far).
+    Silent { bytes: usize },
+    /// The peer closed first (`bytes` read so far).
+    Closed { bytes: usize },
 }
 
 /// The HTTP/2 connection preface (RFC 9113 §3.4).
@@ -56,6 +69,7 @@ pub const MAX_SNIFF: usize = 8 * 1024;
 /// accept extension methods, so calling a long one opaque would hand an HTTP
 /// request to the app past every route rule.
 pub fn classify(buf: &[u8]) -> Option<Detected> {
+    const NOT_HTTP: Option<Detected> = Some(Detected::NotHttp);
     // Empty lines before an HTTP/1 request line are tolerated by HTTP
     // servers (RFC 9112 §2.2); were they not skipped here, such a request
     // would pass as opaque and reach an HTTP app unchecked.
@@ -71,14 +85,14 @@ pub fn classify(buf: &[u8]) -> Option<Detected> {
     }
     for (i, &b) in buf.iter().enumerate() {
         if b == b' ' {
-            return Some(if i > 0 {
-                Detected::Http1
+            return if i > 0 {
+                Some(Detected::Http1)
             } else {
-                Detected::Opaque
-            });
+                NOT_HTTP
+            };
         }
         if !is_tchar(b) {
-            return Some(Detected::Opaque);
+            return NOT_HTTP;
         }
     }
     None
@@ -98,34 +112,23 @@ pub fn from_alpn(alpn: Option<&[u8]>) -> Option<Detected> {
     }
 }
 
-/// Reads until the first bytes decide the protocol. `timeout` bounds the
-/// whole wait; when it passes without a byte the answer is `on_timeout`;
-/// with inconclusive bytes, or when the peer closes first, `None` (give up
-/// on the connection).
-pub async fn sniff<IO: AsyncRead + Unpin>(
-    io: &mut IO,
-    timeout: Duration,
-    on_timeout: Option<Detected>,
-) -> io::Result<(Option<Detected>, Vec<u8>)> {
+/// Reads until the first bytes decide the protocol, for at most `timeout`.
+pub async fn sniff<IO: AsyncRead + Unpin>(io: &mut IO, timeout: Duration) -> io::Result<Sniffed> {
     let mut buf = Vec::with_capacity(H2_PREFACE.len());
     let deadline = tokio::time::Instant::now() + timeout;
     let mut chunk = [0u8; H2_PREFACE.len()];
     loop {
         if let Some(d) = classify(&buf) {
-            return Ok((Some(d), buf));
+            return Ok(Sniffed::Decided(d, buf));
         }
         if buf.len() >= MAX_SNIFF {
-            return Ok((Some(Detected::Http1), buf));
+            return Ok(Sniffed::Decided(Detected::Http1, buf));
         }
         match tokio::time::timeout_at(deadline, io.read(&mut chunk)).await {
-            Ok(Ok(0)) => return Ok((None, buf)),
+            Ok(Ok(0)) => return Ok(Sniffed::Closed { bytes: buf.len() }),
             Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
             Ok(Err(e)) => return Err(e),
-            // Nothing at all: a server-first protocol (or an idle client).
-            Err(_) if buf.is_empty() => return Ok((on_timeout, buf)),
-            // Something that may yet become an HTTP request, sent slowly:
-            // never opaque (that would skip the HTTP policy), just closed.
-            Err(_) => return Ok((None, buf)),
+            Err(_) => return Ok(Sniffed::Silent { bytes: buf.len() }),
         }
     }
 }
@@ -185,9 +188,9 @@ mod tests {
         assert_eq!(classify(b"PRI * HTTP/2.0\r\n"), None);
         assert_eq!(classify(H2_PREFACE), Some(Detected::Http2));
         assert_eq!(classify(b"PRI * HTTP/1.1\r\n"), Some(Detected::Http1));
-        assert_eq!(classify(b"\x16\x03\x01"), Some(Detected::Opaque));
-        assert_eq!(classify(b"\0\0\0\x08"), Some(Detected::Opaque));
-        assert_eq!(classify(b" GET"), Some(Detected::Opaque));
+        assert_eq!(classify(b"\x16\x03\x01"), Some(Detected::NotHttp));
+        assert_eq!(classify(b"\0\0\0\x08"), Some(Detected::NotHttp));
+        assert_eq!(classify(b" GET"), Some(Detected::NotHttp));
         assert_eq!(classify(b"\r\n"), None);
         assert_eq!(classify(b"\r\nGET / HTTP/1.1"), Some(Detected::Http1));
         // A long method token is still a method: HTTP/1, never opaque.
@@ -197,9 +200,9 @@ mod tests {
         assert_eq!(classify(&long), Some(Detected::Http1));
         assert_eq!(
             classify(b"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAA\r\n"),
-            Some(Detected::Opaque)
+            Some(Detected::NotHttp)
         );
-        assert_eq!(classify(b"*1\r\n$4\r\nPING\r\n"), Some(Detected::Opaque));
+        assert_eq!(classify(b"*1\r\n$4\r\nPING\r\n"), Some(Detected::NotHttp));
     }
 
     #[test]
@@ -210,6 +213,32 @@ mod tests {
         assert_eq!(from_alpn(None), None);
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn silence_and_a_stall_are_never_a_protocol() {
+        // Nothing at all, then one byte that could start a method: both end
+        // as silence, which the caller closes; neither is ever opaque.
+        let (_a, mut b) = tokio::io::duplex(64);
+        assert_eq!(
+            sniff(&mut b, Duration::from_secs(1)).await.unwrap(),
+            Sniffed::Silent { bytes: 0 }
+        );
+        let (mut a, mut b) = tokio::io::duplex(64);
+        tokio::io::AsyncWriteExt::write_all(&mut a, b"G")
+            .await
+            .unwrap();
+        assert_eq!(
+            sniff(&mut b, Duration::from_secs(1)).await.unwrap(),
+            Sniffed::Silent { bytes: 1 }
+        );
+        drop(a);
+        let (a, mut b) = tokio::io::duplex(64);
+        drop(a);
+        assert_eq!(
+            sniff(&mut b, Duration::from_secs(1)).await.unwrap(),
+            Sniffed::Closed { bytes: 0 }
+        );
+    }
+
     #[tokio::test]
     async fn rewind_replays_then_reads_on() {
         let (mut a, b) = tokio::io::duplex(64);
@@ -217,8 +246,11 @@ mod tests {
             .await
             .unwrap();
         let mut b = b;
-        let (d, prefix) = sniff(&mut b, Duration::from_secs(5), None).await.unwrap();
-        assert_eq!(d, Some(Detected::Http1));
+        let Sniffed::Decided(d, prefix) = sniff(&mut b, Duration::from_secs(5)).await.unwrap()
+        else {
+            panic!("undecided")
+        };
+        assert_eq!(d, Detected::Http1);
         drop(a);
         let mut all = Vec::new();
         Rewind::new(prefix, b).read_to_end(&mut all).await.unwrap();

@@ -146,13 +146,14 @@ impl Forwarder {
     /// Sends an allowed request to the app. The request's URI is the
     /// normalized origin form; `Host` (or the HTTP/2 `:authority` it was
     /// filled from) names the authority. An `Upgrade` request answered 101
-    /// gets its two connections joined ([`super::upgrade`]).
+    /// comes back with both connections' upgrades, for the caller to join
+    /// ([`super::upgrade`]).
     pub async fn forward(
         &self,
         app: SocketAddr,
         app_protocol: AppProtocol,
         mut req: Request<ProxyBody>,
-    ) -> Result<Response<Incoming>, ForwardError> {
+    ) -> Result<Forwarded, ForwardError> {
         if req.method() == Method::CONNECT {
             return Err(ForwardError::Connect);
         }
@@ -200,12 +201,25 @@ impl Forwarder {
                 resp.headers_mut()
                     .insert(CONNECTION, HeaderValue::from_static("upgrade"));
             }
-            super::upgrade::join(client_upgrade, hyper::upgrade::on(&mut resp));
-        } else {
-            strip_all_hop_by_hop(resp.headers_mut());
+            let app_upgrade = hyper::upgrade::on(&mut resp);
+            return Ok(Forwarded {
+                response: resp,
+                upgrade: Some((client_upgrade, app_upgrade)),
+            });
         }
-        Ok(resp)
+        strip_all_hop_by_hop(resp.headers_mut());
+        Ok(Forwarded {
+            response: resp,
+            upgrade: None,
+        })
     }
+}
+
+/// The app's answer; after a `101`, the client's and the app's upgraded
+/// connections, still to be joined.
+pub struct Forwarded {
+    pub response: Response<Incoming>,
+    pub upgrade: Option<(hyper::upgrade::OnUpgrade, hyper::upgrade::OnUpgrade)>,
 }
 
 fn authority_of(app: SocketAddr) -> Authority {

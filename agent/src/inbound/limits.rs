@@ -58,6 +58,10 @@ pub struct Limits {
     /// Connections served at once by one listener; new ones beyond it are
     /// closed at accept (and counted, see `InboundProxy::refused_connections`).
     pub max_connections: usize,
+    /// Requests between arrival and their response head, across every
+    /// connection of the listener; more are answered 503 at once (counted,
+    /// `ConnectionStats::requests_shed`).
+    pub max_requests_in_flight: usize,
 }
 
 impl Default for Limits {
@@ -73,6 +77,7 @@ impl Default for Limits {
             h2_keep_alive_interval: Duration::from_secs(30),
             h2_keep_alive_timeout: Duration::from_secs(10),
             max_connections: 10_000,
+            max_requests_in_flight: 10_000,
         }
     }
 }

@@ -6,14 +6,19 @@
 //!
 //! The steps live one per module:
 //! - this file: accept (connection limit) → TLS (strict or permissive per
-//!   port) → serve HTTP/1 or HTTP/2 with hyper's limits, graceful drain;
-//! - [`detect`]: HTTP/1, HTTP/2 or opaque, from ALPN or the first bytes;
+//!   port) → HTTP or opaque, as the policy declares the port → serve HTTP/1
+//!   or HTTP/2 with hyper's limits, graceful drain;
+//! - [`detect`]: HTTP/1 or HTTP/2, from ALPN or the first bytes; a
+//!   connection on an HTTP port that does not speak HTTP is closed and
+//!   audited, never tunnelled;
 //! - [`limits`]: the limits, and the HTTP/1 framing guard (smuggling);
-//! - [`request`]: strip → request id → authenticate → decide → global rate
-//!   limits → forward → response headers → audit;
+//! - [`request`]: the per-request steps (admit → shape → authenticate →
+//!   authorize → rate-limit → validate → forward → mask → audit), one
+//!   module each, and the one exit that turns a refusal into a response;
 //! - [`forward`]: the pooled connections to the app;
-//! - [`upgrade`]: joining upgraded (WebSocket) connections;
-//! - [`tcp`]: opaque TCP, identity-level authorization only.
+//! - [`upgrade`], [`tunnel`]: upgraded (WebSocket) connections, and byte
+//!   tunnels that each new policy version re-authorizes;
+//! - [`tcp`]: opaque TCP, identity-level authorization by the engine.
 //!
 //! Never panics on peer input: every failure becomes a logged connection
 //! close or a fixed deny body.
@@ -68,10 +73,10 @@ pub mod limits;
 pub mod policy;
 pub mod request;
 pub mod tcp;
+pub mod tunnel;
 pub mod upgrade;
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -80,8 +85,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use http::header::{CONNECTION, HeaderValue, UPGRADE};
-use http::{Method, Request, Response, Version};
+use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
@@ -90,21 +94,20 @@ use palisade_policy::identity::SpiffeId;
 use palisade_policy::wire;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
+use crate::audit::AuditEvent;
 use crate::identity::CertStore;
-use crate::pipeline::deny::{Denied, deny_response, grpc_deny, is_grpc};
-use crate::pipeline::request_id::ensure_request_id;
 use crate::ratelimit::GlobalRateLimiter;
 use crate::tls::{MeshTrust, MtlsMode, TlsConfigError, peer_identity};
 
-pub use detect::{Detected, PortProtocol};
+pub use detect::{Detected, PortProtocol, Sniffed};
 pub use forward::{AppProtocol, PoolConfig};
 pub use limits::Limits;
-pub use policy::{LoadedPolicy, SharedPolicy};
-pub use request::ProxyBody;
+pub use policy::{LoadedPolicy, PolicyUpdates, SharedPolicy};
+pub use request::{ProxyBody, ResetStream};
 
 use limits::{H1Guard, HeadVerdict, HeadVerdicts};
 
@@ -137,15 +140,19 @@ pub struct InboundConfig {
     pub handshake_timeout: Duration,
     /// Longest connecting to the app may take before answering 502.
     pub app_connect_timeout: Duration,
-    /// How traffic on each app port is treated; ports not listed are
-    /// [`PortProtocol::Auto`] (`--opaque-ports` sets `Opaque`).
+    /// How app ports the policy declares nothing about are treated; ports
+    /// not listed are [`PortProtocol::Http`] (`--opaque-ports` sets
+    /// `Opaque`). A port the policy gives HTTP rules is HTTP regardless.
     pub port_protocols: HashMap<u16, PortProtocol>,
     /// What the app is spoken to with, per app port; ports not listed are
     /// [`AppProtocol::Preserve`] (`--app-protocol PORT=http1`).
     pub app_protocols: HashMap<u16, AppProtocol>,
-    /// On an `auto` port, how long to wait for the client's first bytes
-    /// before treating the connection as a server-first (opaque) protocol.
+    /// On an HTTP port without ALPN, how long to wait for the client's
+    /// first bytes; after it the connection is closed and audited.
     pub detect_timeout: Duration,
+    /// `Upgrade` protocols passed to the app (lower case, e.g.
+    /// `websocket`); any other upgrade, and `h2c` always, is refused.
+    pub upgrade_protocols: Vec<String>,
     /// Header, stream and connection limits.
     pub limits: Limits,
     /// On shutdown, how long in-flight requests may take to finish.
@@ -171,14 +178,15 @@ impl InboundConfig {
             app_connect_timeout: Duration::from_secs(5),
             port_protocols: HashMap::new(),
             app_protocols: HashMap::new(),
-            detect_timeout: Duration::from_secs(1),
+            detect_timeout: Duration::from_secs(10),
+            upgrade_protocols: vec!["websocket".to_owned()],
             limits: Limits::default(),
             drain_timeout: Duration::from_secs(20),
             app_pool: PoolConfig::default(),
         }
     }
 
-    /// How traffic on an app port is treated.
+    /// How the agent's own configuration treats an app port.
     pub fn port_protocol(&self, port: u16) -> PortProtocol {
         self.port_protocols.get(&port).copied().unwrap_or_default()
     }
@@ -212,21 +220,45 @@ impl Shared {
         &self,
         conn: &ConnInfo,
         req: Request<ProxyBody>,
-    ) -> Result<Response<Incoming>, forward::ForwardError> {
+    ) -> Result<forward::Forwarded, forward::ForwardError> {
         let protocol = self.config.app_protocol(conn.app.port());
         self.forwarder.forward(conn.app, protocol, req).await
     }
 }
 
-/// Connection counters of one listener.
+/// Connection and request counters of one listener.
 #[derive(Clone, Debug)]
 pub struct ConnectionStats {
     permits: Arc<Semaphore>,
     max: usize,
     refused: Arc<AtomicU64>,
+    requests: Arc<Semaphore>,
+    max_requests: usize,
+    shed: Arc<AtomicU64>,
 }
 
 impl ConnectionStats {
+    /// A place for one more request in flight, or `None` (counted as shed)
+    /// when `max_requests_in_flight` are.
+    pub(crate) fn admit_request(&self) -> Option<OwnedSemaphorePermit> {
+        let permit = self.requests.clone().try_acquire_owned().ok();
+        if permit.is_none() {
+            self.shed.fetch_add(1, Ordering::Relaxed);
+        }
+        permit
+    }
+
+    /// Requests between arrival and their response head now.
+    pub fn requests_in_flight(&self) -> usize {
+        self.max_requests
+            .saturating_sub(self.requests.available_permits())
+    }
+
+    /// Requests answered 503 because `max_requests_in_flight` were in flight.
+    pub fn requests_shed(&self) -> u64 {
+        self.shed.load(Ordering::Relaxed)
+    }
+
     /// Connections closed at accept because `max_connections` were open.
     pub fn refused(&self) -> u64 {
         self.refused.load(Ordering::Relaxed)
@@ -279,10 +311,14 @@ impl InboundProxy {
             .keep_alive_interval(l.h2_keep_alive_interval)
             .keep_alive_timeout(l.h2_keep_alive_timeout);
         let max = l.max_connections.clamp(1, Semaphore::MAX_PERMITS);
+        let max_requests = l.max_requests_in_flight.clamp(1, Semaphore::MAX_PERMITS);
         let stats = ConnectionStats {
             permits: Arc::new(Semaphore::new(max)),
             max,
             refused: Arc::default(),
+            requests: Arc::new(Semaphore::new(max_requests)),
+            max_requests,
+            shed: Arc::default(),
         };
         let shared = Arc::new(Shared {
             strict: tls(MtlsMode::Strict)?,
@@ -467,8 +503,59 @@ async fn connection(
     dispatch(shared, tls, info, alpn, drain).await;
 }
 
-/// Detect (unless ALPN or the port's configuration already says), then serve
-/// the connection as HTTP/1, HTTP/2 or opaque TCP.
+/// Whether a connection for `port` is opaque TCP: the policy declares the
+/// port `tcp` and gives it no HTTP rules, or (for a port the policy says
+/// nothing about) `--opaque-ports` lists it. Everything else is HTTP.
+fn serves_opaque(shared: &Shared, port: u16) -> bool {
+    use palisade_policy::wire::PortProtocol as Declared;
+    let configured = shared.config.port_protocol(port) == PortProtocol::Opaque;
+    match shared.config.policy.current() {
+        Some(p) => match p.engine.port_protocol(port) {
+            Declared::Tcp => true,
+            Declared::Unspecified => configured,
+            Declared::Http | Declared::Grpc => {
+                if configured {
+                    tracing::debug!(
+                        port,
+                        "--opaque-ports lists a port the policy gives HTTP rules; serving HTTP"
+                    );
+                }
+                false
+            }
+        },
+        None => configured,
+    }
+}
+
+/// The audit event of a connection on an HTTP port that never spoke HTTP.
+fn audit_not_http(shared: &Shared, info: &ConnInfo, reason: &str, started: Instant) {
+    let policy = shared.config.policy.current();
+    let engine = policy.as_ref().map(|p| &p.engine);
+    let connection_id = crate::pipeline::request_id::generate();
+    AuditEvent {
+        request_id: connection_id.to_str().unwrap_or_default(),
+        source_identity: info.peer.as_ref().map(|(id, _)| id.as_str()),
+        source_ip: Some(info.peer_addr),
+        method: "-",
+        allowed: false,
+        reason,
+        latency: started.elapsed(),
+        ..AuditEvent::under(engine)
+    }
+    .record(engine);
+}
+
+/// Reason codes of connections closed before any request.
+pub mod reason {
+    /// The first bytes on an HTTP port cannot start an HTTP request.
+    pub const NOT_HTTP: &str = "protocol.not_http";
+    /// Nothing that decides the protocol within the detection timeout.
+    pub const DETECT_TIMEOUT: &str = "protocol.detect_timeout";
+}
+
+/// Serves the connection as opaque TCP if its port is declared so;
+/// otherwise as HTTP/1 or HTTP/2 (from ALPN or the first bytes), closing
+/// and auditing a connection that does not speak HTTP.
 async fn dispatch<IO>(
     shared: Arc<Shared>,
     mut io: IO,
@@ -478,25 +565,32 @@ async fn dispatch<IO>(
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let port_protocol = shared.config.port_protocol(info.app.port());
-    if port_protocol == PortProtocol::Opaque {
+    if serves_opaque(&shared, info.app.port()) {
         return tcp::proxy(shared, io, info).await;
     }
     let (detected, prefix) = match alpn {
         Some(d) => (d, Vec::new()),
         None => {
-            let (timeout, on_timeout) = match port_protocol {
-                PortProtocol::Http => (shared.config.limits.header_read_timeout, None),
-                _ => (shared.config.detect_timeout, Some(Detected::Opaque)),
-            };
-            match detect::sniff(&mut io, timeout, on_timeout).await {
-                // An HTTP port: whatever it is, hyper answers it (400).
-                Ok((Some(Detected::Opaque), prefix)) if port_protocol == PortProtocol::Http => {
-                    (Detected::Http1, prefix)
+            let started = Instant::now();
+            match detect::sniff(&mut io, shared.config.detect_timeout).await {
+                Ok(Sniffed::Decided(Detected::NotHttp, _)) => {
+                    tracing::info!(peer = %info.peer_addr, port = info.app.port(), "not HTTP on an HTTP port; closing");
+                    audit_not_http(&shared, &info, reason::NOT_HTTP, started);
+                    return;
                 }
-                Ok((Some(d), prefix)) => (d, prefix),
-                Ok((None, _)) => {
-                    tracing::debug!(peer = %info.peer_addr, "nothing conclusive to detect; closing");
+                Ok(Sniffed::Decided(d, prefix)) => (d, prefix),
+                Ok(Sniffed::Silent { bytes }) => {
+                    tracing::info!(peer = %info.peer_addr, port = info.app.port(), bytes, "no HTTP request within the detection timeout; closing");
+                    audit_not_http(&shared, &info, reason::DETECT_TIMEOUT, started);
+                    return;
+                }
+                Ok(Sniffed::Closed { bytes: 0 }) => {
+                    tracing::debug!(peer = %info.peer_addr, "closed before sending anything");
+                    return;
+                }
+                Ok(Sniffed::Closed { .. }) => {
+                    tracing::debug!(peer = %info.peer_addr, "closed before a request line");
+                    audit_not_http(&shared, &info, reason::NOT_HTTP, started);
                     return;
                 }
                 Err(e) => {
@@ -508,9 +602,8 @@ async fn dispatch<IO>(
     };
     let io = detect::Rewind::new(prefix, io);
     match detected {
-        Detected::Opaque => tcp::proxy(shared, io, info).await,
-        Detected::Http1 => serve_h1(shared, io, info, drain).await,
         Detected::Http2 => serve_h2(shared, io, info, drain).await,
+        Detected::Http1 | Detected::NotHttp => serve_h1(shared, io, info, drain).await,
     }
 }
 
@@ -575,8 +668,8 @@ fn service(
 ) -> impl hyper::service::Service<
     Request<Incoming>,
     Response = Response<ProxyBody>,
-    Error = Infallible,
-    Future = impl Future<Output = Result<Response<ProxyBody>, Infallible>> + Send + 'static,
+    Error = ResetStream,
+    Future = impl Future<Output = Result<Response<ProxyBody>, ResetStream>> + Send + 'static,
 > + Clone
 + Send
 + 'static {
@@ -588,67 +681,8 @@ fn service(
             .map_or(HeadVerdict::Ok, HeadVerdicts::next);
         let shared = shared.clone();
         let info = info.clone();
-        async move { Ok::<_, Infallible>(serve_request(&shared, &info, req, framing).await) }
+        async move { request::serve(&shared, &info, req, framing).await }
     })
-}
-
-/// Checks before the pipeline (framing, target length), the pipeline, then
-/// the gRPC shape of a denial and connection handling after the response.
-async fn serve_request(
-    shared: &Shared,
-    info: &ConnInfo,
-    mut req: Request<Incoming>,
-    framing: HeadVerdict,
-) -> Response<ProxyBody> {
-    let grpc = is_grpc(req.headers());
-    let upgrade_asked = req.version() != Version::HTTP_2
-        && (req.headers().contains_key(UPGRADE) || req.method() == Method::CONNECT);
-    let target_len = req.uri().path_and_query().map_or(0, |pq| pq.as_str().len())
-        + req.uri().authority().map_or(0, |a| a.as_str().len());
-    let refused = if framing == HeadVerdict::AmbiguousFraming {
-        Some((400, "request.ambiguous_framing"))
-    } else if target_len > shared.config.limits.max_request_target {
-        Some((414, "request.target_too_long"))
-    } else {
-        None
-    };
-    let mut resp = match refused {
-        Some((status, reason)) => {
-            let rid = ensure_request_id(req.headers_mut(), info.peer.is_some());
-            let rid = rid.to_str().unwrap_or_default();
-            let policy = shared.config.policy.current();
-            let engine = policy.as_ref().map(|p| &p.engine);
-            crate::audit::AuditEvent {
-                request_id: rid,
-                source_identity: info.peer.as_ref().map(|(id, _)| id.as_str()),
-                source_ip: Some(info.peer_addr),
-                destination_workload: engine.map_or("", |e| e.policy().workload.as_str()),
-                policy_version: engine.map_or("", |e| e.version()),
-                method: req.method().as_str(),
-                allowed: false,
-                reason,
-                status,
-                ..Default::default()
-            }
-            .record(0);
-            deny_response(status, rid, false).map(request::full)
-        }
-        None => request::handle(shared, info, req).await,
-    };
-    if grpc && let Some(denied) = resp.extensions_mut().remove::<Denied>() {
-        grpc_deny(&mut resp, &denied);
-        *resp.body_mut() = request::full(hyper::body::Bytes::new());
-    }
-    // After an ambiguous head hyper's framing and the client's may differ;
-    // after a refused upgrade the client may already be sending the new
-    // protocol. Either way no further request is read from this connection.
-    let close = framing == HeadVerdict::AmbiguousFraming
-        || (upgrade_asked && resp.status() != http::StatusCode::SWITCHING_PROTOCOLS);
-    if close {
-        resp.headers_mut()
-            .insert(CONNECTION, HeaderValue::from_static("close"));
-    }
-    resp
 }
 
 #[cfg(test)]

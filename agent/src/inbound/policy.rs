@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use palisade_policy::PolicyEngine;
 use palisade_policy::wire::WorkloadPolicy;
-use parking_lot::RwLock;
+use tokio::sync::watch;
 
 use crate::authn::{ApiKeyVerifier, JwtOptions, JwtVerifier};
 
@@ -21,8 +21,14 @@ pub struct LoadedPolicy {
 
 impl LoadedPolicy {
     /// Loads the engine and builds the verifiers; any error refuses the
-    /// whole version (the previous one stays in force).
-    pub fn load(policy: WorkloadPolicy, jwt_options: JwtOptions) -> anyhow::Result<Self> {
+    /// whole version (the previous one stays in force). Local rate limits
+    /// that `previous` already enforces with the same settings keep their
+    /// state.
+    pub fn load(
+        policy: WorkloadPolicy,
+        jwt_options: JwtOptions,
+        previous: Option<&LoadedPolicy>,
+    ) -> anyhow::Result<Self> {
         let jwt = if policy.jwt_providers.is_empty() {
             None
         } else {
@@ -32,7 +38,7 @@ impl LoadedPolicy {
             Some(auth) if !auth.header.is_empty() => Some(ApiKeyVerifier::new(auth)?),
             _ => None,
         };
-        let engine = PolicyEngine::load(policy)?;
+        let engine = PolicyEngine::load_after(policy, previous.map(|p| &p.engine))?;
         Ok(Self {
             engine,
             jwt,
@@ -47,21 +53,37 @@ impl LoadedPolicy {
 }
 
 /// The current policy, shared by every connection; `None` until one is
-/// loaded, and then every request is denied (fail closed).
-#[derive(Clone, Debug, Default)]
-pub struct SharedPolicy(Arc<RwLock<Option<Arc<LoadedPolicy>>>>);
+/// loaded, and then every request is denied (fail closed). Long-lived
+/// tunnels [`subscribe`](Self::subscribe) to be re-authorized on each new
+/// version.
+#[derive(Clone, Debug)]
+pub struct SharedPolicy(Arc<watch::Sender<Option<Arc<LoadedPolicy>>>>);
+
+impl Default for SharedPolicy {
+    fn default() -> Self {
+        Self::new(None)
+    }
+}
+
+/// A subscription to policy versions (see [`SharedPolicy::subscribe`]).
+pub type PolicyUpdates = watch::Receiver<Option<Arc<LoadedPolicy>>>;
 
 impl SharedPolicy {
     pub fn new(policy: Option<LoadedPolicy>) -> Self {
-        Self(Arc::new(RwLock::new(policy.map(Arc::new))))
+        Self(Arc::new(watch::Sender::new(policy.map(Arc::new))))
     }
 
     pub fn current(&self) -> Option<Arc<LoadedPolicy>> {
-        self.0.read().clone()
+        self.0.borrow().clone()
     }
 
     /// Replaces the policy; returns the previous one.
     pub fn replace(&self, policy: LoadedPolicy) -> Option<Arc<LoadedPolicy>> {
-        self.0.write().replace(Arc::new(policy))
+        self.0.send_replace(Some(Arc::new(policy)))
+    }
+
+    /// Wakes on every version replaced after this call.
+    pub fn subscribe(&self) -> PolicyUpdates {
+        self.0.subscribe()
     }
 }

@@ -22,7 +22,7 @@ use proptest::prelude::*;
 use proptest::sample::{Index, select};
 use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
 
-use super::detect::{Detected, H2_PREFACE, Rewind, classify, sniff};
+use super::detect::{Detected, H2_PREFACE, Rewind, Sniffed, classify, sniff};
 use super::limits::{H1Guard, HeadVerdict, HeadVerdicts};
 
 /// One runtime for the async properties (a runtime per case would dominate).
@@ -499,10 +499,17 @@ proptest! {
         let chunks = split(&input, &cuts);
         let (detected, all) = RT.block_on(async {
             let mut io = Chunks(chunks);
-            let (d, prefix) = sniff(&mut io, Duration::from_secs(5), None).await.unwrap();
-            let mut all = Vec::new();
-            Rewind::new(prefix, io).read_to_end(&mut all).await.unwrap();
-            (d, all)
+            match sniff(&mut io, Duration::from_secs(5)).await.unwrap() {
+                Sniffed::Decided(d, prefix) => {
+                    let mut all = Vec::new();
+                    Rewind::new(prefix, io).read_to_end(&mut all).await.unwrap();
+                    (Some(d), all)
+                }
+                // Read to EOF undecided: the connection is dropped, nothing
+                // is replayed.
+                Sniffed::Closed { bytes } => (None, input[..bytes].to_vec()),
+                Sniffed::Silent { .. } => panic!("a reader that never blocks cannot be silent"),
+            }
         });
         prop_assert_eq!(&all, &input);
         // Decided: the same as the whole input; undecided: the whole input

@@ -20,6 +20,7 @@
 //! | 429 | `too_many_requests` |
 //! | 431 | `request_header_fields_too_large` |
 //! | 502 | `bad_gateway` |
+//! | 503 | `unavailable` (the agent is shedding load) |
 //!
 //! Any other status (a bug upstream: the engine only produces those above)
 //! fails closed as 403 `forbidden`, status and body alike.
@@ -55,6 +56,7 @@ pub fn error_word(status: u16) -> Option<&'static str> {
         429 => "too_many_requests",
         431 => "request_header_fields_too_large",
         502 => "bad_gateway",
+        503 => "unavailable",
         _ => return None,
     })
 }
@@ -193,7 +195,7 @@ mod tests {
     use super::*;
     use palisade_policy::Reason;
 
-    const ALL: [(u16, &str); 8] = [
+    const ALL: [(u16, &str); 9] = [
         (400, "bad_request"),
         (401, "unauthorized"),
         (403, "forbidden"),
@@ -202,6 +204,7 @@ mod tests {
         (415, "unsupported_media_type"),
         (429, "too_many_requests"),
         (502, "bad_gateway"),
+        (503, "unavailable"),
     ];
 
     fn verdict(status: u16, reason: Reason, rule: Option<&str>) -> Verdict<'_> {
@@ -249,7 +252,7 @@ mod tests {
 
     #[test]
     fn unmapped_statuses_fail_closed_as_forbidden() {
-        for status in [200, 404, 500, 503, 999] {
+        for status in [200, 404, 500, 504, 999] {
             let r = deny_response(status, "id", true);
             assert_eq!(r.status(), StatusCode::FORBIDDEN);
             assert_eq!(r.body(), br#"{"error":"forbidden","request_id":"id"}"#);

@@ -10,11 +10,13 @@
 //! 3. (the policy engine decides)
 //! 4. [`deny`]: the fixed error response when the decision refuses.
 //! 5. [`xfcc`]: `x-forwarded-client-cert` for the app, from the verified
-//!    peer certificate only.
+//!    peer certificate only; [`forwarded`]: `X-Forwarded-For` from the
+//!    connection's peer unless it is a trusted hop.
 //! 6. [`response_headers`]: the decision's `Deprecation` / `Sunset` / `Link`
 //!    on the app's response.
 
 pub mod deny;
+pub mod forwarded;
 pub mod request_id;
 pub mod response_headers;
 pub mod strip;

@@ -15,6 +15,9 @@
 //!   `proxy-connection`, and `te` except its `trailers` member (gRPC needs
 //!   `te: trailers` end to end; any other transfer coding is the agent's
 //!   business with the client only).
+//! - **Method overrides**: `x-http-method-override`, `x-http-method` and
+//!   `x-method-override`. Policy judged the request's own method; an app
+//!   framework that honours an override would run another one.
 //! - **`upgrade`**, unless the request is an upgrade request (`Connection`
 //!   lists `upgrade` and an `Upgrade` header is present). Then `upgrade` is
 //!   kept and `Connection` is set back to exactly `upgrade`, so the forwarder
@@ -46,6 +49,12 @@ pub const X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwa
 pub const IDENTITY_PREFIX: &str = "x-palisade-";
 
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+/// Headers some frameworks read as "the real method".
+pub const METHOD_OVERRIDES: [HeaderName; 3] = [
+    HeaderName::from_static("x-http-method-override"),
+    HeaderName::from_static("x-http-method"),
+    HeaderName::from_static("x-method-override"),
+];
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// Whether a header is one of the agent's identity headers. `HeaderName`s
@@ -117,6 +126,9 @@ pub fn strip_inbound(headers: &mut HeaderMap) -> Result<Stripped, Ambiguous> {
     headers.remove(CONNECTION);
     headers.remove(KEEP_ALIVE);
     headers.remove(PROXY_CONNECTION);
+    for name in &METHOD_OVERRIDES {
+        headers.remove(name);
+    }
     strip_te(headers);
 
     if upgrade_listed && headers.contains_key(UPGRADE) {
@@ -304,6 +316,22 @@ mod tests {
         let mut h = map(&[("connection", "upgrade")]);
         assert!(!strip_inbound(&mut h).unwrap().upgrade);
         assert!(h.is_empty());
+    }
+
+    #[test]
+    fn method_overrides_never_reach_the_app() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            HeaderName::from_bytes(b"X-HTTP-Method-Override").unwrap(),
+            HeaderValue::from_static("DELETE"),
+        );
+        h.insert("x-http-method", HeaderValue::from_static("PUT"));
+        h.append("x-method-override", HeaderValue::from_static("PATCH"));
+        h.append("x-method-override", HeaderValue::from_static("DELETE"));
+        h.insert("x-other", HeaderValue::from_static("1"));
+        strip_inbound(&mut h).unwrap();
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("x-other"));
     }
 
     #[test]

@@ -167,6 +167,7 @@ async fn one_request(
         jwt_claims: None,
         api_key_client: None,
         credential_error: None,
+        has_body: false,
         time: RequestTime {
             unix_seconds: i64::try_from(now_ms / 1000).unwrap_or(i64::MAX),
             monotonic: Duration::from_millis(now_ms),

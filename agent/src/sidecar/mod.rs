@@ -92,8 +92,15 @@ pub struct SidecarOptions {
     /// The Redis shared for `scope: global` rate limits; `None`: every
     /// global limit acts as its `failureMode` says.
     pub global_rate_limits: Option<GlobalRateLimiterConfig>,
-    /// App ports proxied as opaque TCP.
+    /// App ports proxied as opaque TCP when the policy declares nothing
+    /// about them.
     pub opaque_ports: Vec<u16>,
+    /// On HTTP ports, how long a connection without ALPN may stay silent.
+    pub detect_timeout: Duration,
+    /// `Upgrade` protocols passed on to the app (lower case).
+    pub upgrade_protocols: Vec<String>,
+    /// Inbound requests in flight across all connections.
+    pub max_requests_in_flight: usize,
     /// App ports whose protocol is pinned instead of following the client's.
     pub app_protocols: Vec<(u16, AppProtocol)>,
     /// On shutdown, how long in-flight inbound requests may take to finish.
@@ -189,6 +196,9 @@ impl Sidecar {
             inbound
                 .app_protocols
                 .extend(options.app_protocols.iter().copied());
+            inbound.detect_timeout = options.detect_timeout;
+            inbound.upgrade_protocols = options.upgrade_protocols.clone();
+            inbound.limits.max_requests_in_flight = options.max_requests_in_flight;
             inbound.drain_timeout = options.drain_timeout;
             let proxy = InboundProxy::bind(listen, inbound)
                 .await

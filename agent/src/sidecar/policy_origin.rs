@@ -113,5 +113,5 @@ pub(super) fn load_policy_file(path: &Path) -> Result<LoadedPolicy, PolicyFileEr
         source,
     })?;
     let wire = WorkloadPolicy::decode(bytes.as_slice()).map_err(PolicyFileError::Decode)?;
-    LoadedPolicy::load(wire, Default::default()).map_err(PolicyFileError::Load)
+    LoadedPolicy::load(wire, Default::default(), None).map_err(PolicyFileError::Load)
 }

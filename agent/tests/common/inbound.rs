@@ -56,7 +56,7 @@ pub fn mesh_policy(routes: Vec<pb::Route>) -> pb::WorkloadPolicy {
 /// `policy` loaded (it must load), or no policy at all.
 pub fn shared(policy: Option<pb::WorkloadPolicy>) -> SharedPolicy {
     SharedPolicy::new(
-        policy.map(|p| LoadedPolicy::load(p, JwtOptions::default()).expect("policy loads")),
+        policy.map(|p| LoadedPolicy::load(p, JwtOptions::default(), None).expect("policy loads")),
     )
 }
 

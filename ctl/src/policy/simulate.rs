@@ -170,7 +170,7 @@ pub fn run(args: &SimulateArgs) -> anyhow::Result<ExitCode> {
         &mut headers,
         &request_shape::ShapeOptions {
             drop_underscore_headers: engine.drop_underscore_headers(),
-            upgrade_protocols: &["websocket"],
+            upgrade_protocols: &["websocket".to_owned()],
         },
     );
     if let Err(refused) = shape {
@@ -183,8 +183,8 @@ pub fn run(args: &SimulateArgs) -> anyhow::Result<ExitCode> {
         });
         report["detail"] = json!(refused.to_string());
         match args.output {
-            Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
-            Output::Text => print_text(&report),
+            Output::Json => outln!("{}", serde_json::to_string_pretty(&report)?)?,
+            Output::Text => print_text(&report)?,
         }
         return Ok(ExitCode::SUCCESS);
     }

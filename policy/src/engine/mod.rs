@@ -191,7 +191,7 @@ impl PolicyEngine {
             }
         }
         let has_audit_layer = routes.has_audit_routes() || ip_filters.iter().any(|f| f.audit_only);
-        let http = policy.http.clone().unwrap_or_default();
+        let http = policy.http.unwrap_or_default();
         Ok(Self {
             version: policy.version.clone(),
             default_action,
@@ -261,6 +261,12 @@ impl PolicyEngine {
     /// that explain why a declared `tcp` does not hold).
     pub fn http_route_for(&self, port: u16) -> Option<&str> {
         self.routes.http_route_for(port)
+    }
+
+    /// Whether `ip` is a hop whose `X-Forwarded-For` entries are believed.
+    pub fn is_trusted_proxy(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.trusted_proxies.iter().any(|n| n.contains(&ip))
     }
 
     /// The path normalization this policy asks for.

@@ -6,10 +6,9 @@ use http::header::{
 };
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::{Body, Bytes};
-use palisade_policy::body::media_type;
+use palisade_policy::body::{is_json_media_type as is_json, media_type};
 use palisade_policy::masking::ResponseMask;
 
-use super::validate::is_json;
 use super::{CollectError, collect_capped, reason};
 use crate::inbound::request::{BoxError, ProxyBody, full};
 

@@ -13,12 +13,14 @@
 //! body is boxed once (as the forward step always did) and the response is
 //! returned as it came. Nothing here buffers without a cap.
 
+mod client;
 mod limited;
 mod mask;
 mod validate;
 
 use hyper::body::{Body, Bytes};
 
+pub use client::{ClientBody, ClientBodyError, ClientFailure};
 pub use limited::{BodyTooLarge, LimitSignal, LimitedBody};
 pub use mask::{MAX_MASKED_RESPONSE_BYTES, MaskPlan, Unmaskable, mask_response, prepare_mask};
 pub use validate::{DEFAULT_SCHEMA_BODY_CAP, Refusal, Validated, validate_request};

@@ -1,15 +1,13 @@
 //! The validate step: request body rules that need the body itself.
 
-use http::header::{
-    CONTENT_LENGTH, CONTENT_TYPE, EXPECT, HeaderMap, HeaderValue, TRANSFER_ENCODING,
-};
+use http::header::{CONTENT_LENGTH, EXPECT, HeaderValue, TRANSFER_ENCODING};
 use http::{Method, Request};
 use http_body_util::BodyExt;
-use hyper::body::{Body, Incoming};
-use palisade_policy::body::{BodyError, BodySchema, content_type_allowed, media_type};
+use hyper::body::Body;
+use palisade_policy::body::{BodyError, BodySchema};
 use palisade_policy::engine::BodyRules;
 
-use super::{CollectError, LimitSignal, LimitedBody, collect_capped, reason};
+use super::{ClientBody, CollectError, LimitSignal, LimitedBody, collect_capped, reason};
 use crate::inbound::request::{BoxError, ProxyBody, full};
 
 /// How much of a body is read for JSON Schema validation when the route sets
@@ -26,8 +24,6 @@ pub const DEFAULT_SCHEMA_BODY_CAP: u64 = 1 << 20;
 pub enum Refusal {
     #[error("request body exceeds the {limit}-byte limit")]
     TooLarge { limit: u64 },
-    #[error("request content type is not accepted on this route")]
-    UnsupportedMediaType,
     /// Holds a pointer and a schema keyword, never body values.
     #[error(transparent)]
     Schema(#[from] BodyError),
@@ -39,7 +35,6 @@ impl Refusal {
     pub fn status(&self) -> u16 {
         match self {
             Refusal::TooLarge { .. } => 413,
-            Refusal::UnsupportedMediaType => 415,
             Refusal::Schema(_) | Refusal::Unreadable(_) => 400,
         }
     }
@@ -48,7 +43,6 @@ impl Refusal {
     pub fn reason(&self) -> &'static str {
         match self {
             Refusal::TooLarge { .. } => reason::BODY_TOO_LARGE,
-            Refusal::UnsupportedMediaType => reason::CONTENT_TYPE,
             Refusal::Schema(_) => reason::SCHEMA,
             Refusal::Unreadable(_) => reason::BODY_UNREADABLE,
         }
@@ -73,49 +67,31 @@ impl Validated {
     }
 }
 
-fn boxed(body: Incoming) -> ProxyBody {
-    body.map_err(BoxError::from).boxed()
-}
-
-/// `application/json` or any `+json` structured syntax suffix (RFC 6839).
-pub(super) fn is_json(media_type: &str) -> bool {
-    media_type == "application/json" || media_type.ends_with("+json")
-}
-
-/// The `Content-Type` as `content_type_allowed` expects it: a value that is
-/// not visible ASCII becomes one no media type can match.
-fn content_type(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get(CONTENT_TYPE)
-        .map(|v| v.to_str().unwrap_or("\u{0}"))
+fn boxed(body: ClientBody) -> ProxyBody {
+    body.boxed()
 }
 
 /// Applies the route's body rules to `req` and returns it ready to forward.
 ///
 /// `decide` has already refused a declared `Content-Length` over
-/// `maxBodyBytes` (413) and, for an HTTP/1.1 request with a body, a media
-/// type not in `contentTypes` (415). This step adds:
-/// - the media type again when the body is real but was not announced by
-///   `Content-Length` or `Transfer-Encoding` (an HTTP/2 DATA stream);
-/// - with a JSON Schema: 415 unless the body is JSON, the body read whole
-///   (at most `maxBodyBytes`, or [`DEFAULT_SCHEMA_BODY_CAP`]; 413 above),
-///   400 when it does not validate or cannot be read, and otherwise the
-///   buffered bytes forwarded with an exact `Content-Length`;
+/// `maxBodyBytes` (413) and a body whose media type the route does not take
+/// (415; the engine is the one place that checks it). This step adds:
+/// - with a JSON Schema: the body read whole (at most `maxBodyBytes`, or
+///   [`DEFAULT_SCHEMA_BODY_CAP`]; 413 above), 400 when it does not validate
+///   or cannot be read, and otherwise the buffered bytes forwarded with an
+///   exact `Content-Length`;
 /// - without a schema but with `maxBodyBytes`: a body of unknown length is
 ///   counted while it streams ([`LimitedBody`]).
 ///
 /// Without rules the body is only boxed, as the forward step needs it.
 pub async fn validate_request(
     rules: Option<&BodyRules>,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
 ) -> Result<Validated, Refusal> {
     let Some(rules) = rules else {
         return Ok(Validated::unlimited(req.map(boxed)));
     };
     let has_body = !req.body().is_end_stream();
-    if has_body && !content_type_allowed(content_type(req.headers()), &rules.content_types) {
-        return Err(Refusal::UnsupportedMediaType);
-    }
     if let Some(schema) = &rules.schema {
         let request = validate_schema(rules, schema, req, has_body).await?;
         return Ok(Validated::unlimited(request));
@@ -139,17 +115,10 @@ pub async fn validate_request(
 async fn validate_schema(
     rules: &BodyRules,
     schema: &BodySchema,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
     has_body: bool,
 ) -> Result<Request<ProxyBody>, Refusal> {
-    if has_body {
-        let json = content_type(req.headers())
-            .and_then(media_type)
-            .is_some_and(|m| is_json(&m));
-        if !json {
-            return Err(Refusal::UnsupportedMediaType);
-        }
-    } else if !matches!(*req.method(), Method::POST | Method::PUT | Method::PATCH) {
+    if !has_body && !matches!(*req.method(), Method::POST | Method::PUT | Method::PATCH) {
         // A read (GET, HEAD, DELETE, OPTIONS) without a body: nothing to
         // validate, so a schema route can serve reads too. A POST, PUT or
         // PATCH without one is validated as the empty body, which is not
