@@ -16,7 +16,7 @@
 //!   with a status and a custom trailer the client sees;
 //! - WebSocket (HTTP/1.1 Upgrade, frames both ways, close), and a denied
 //!   WebSocket path answered 403 without reaching the app;
-//! - opaque TCP on an `--opaque-ports` app port: bytes both ways and
+//! - opaque TCP on an app port the policy declares `tcp`: bytes both ways and
 //!   half-close, and an identity the policy denies cut off before the app
 //!   sees a byte.
 //!
@@ -85,22 +85,26 @@ struct Mesh {
 
 impl Mesh {
     /// `denied`: the identity the policy's catch-all route denies;
-    /// `opaque`: the app's port is given to `--opaque-ports`.
+    /// `opaque`: the policy declares the app's port `tcp` (and gives it no
+    /// HTTP rules), so the inbound agent proxies it opaquely.
     async fn start(app: SocketAddr, denied: &str, opaque: bool) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let pki = Pki::new(dir.path());
         let (orders_crt, orders_key) = pki.write_leaf(ORDERS, "orders");
         let (web_crt, web_key) = pki.write_leaf(WEB, "web");
-        let policy = compile_policy("two_agents.yaml", &[("DENIED", denied)], dir.path());
+        let port = app.port().to_string();
+        let policy = if opaque {
+            let vars = [("DENIED", denied), ("PORT", port.as_str())];
+            compile_policy("two_agents_tcp.yaml", &vars, dir.path())
+        } else {
+            compile_policy("two_agents.yaml", &[("DENIED", denied)], dir.path())
+        };
 
         let mut cmd = agent_command(&pki.bundle, &orders_crt, &orders_key, "");
         cmd.arg("--inbound")
             .arg(format!("127.0.0.1:0={app}"))
             .arg("--policy-file")
             .arg(&policy);
-        if opaque {
-            cmd.arg("--opaque-ports").arg(app.port().to_string());
-        }
         let mut inbound = Proc::spawn("inbound agent (orders)", cmd);
         let inbound_addr = listening(&mut inbound, "inbound proxy listening").await;
 
