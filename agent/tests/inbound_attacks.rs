@@ -263,3 +263,177 @@ async fn http2_streams_over_the_limit_are_refused() {
     );
     s.still_serves().await;
 }
+
+/// HPACK literal header field without indexing, new name, no Huffman.
+fn literal(name: &str, value: &str) -> Vec<u8> {
+    let mut out = vec![0x00, name.len() as u8];
+    out.extend_from_slice(name.as_bytes());
+    out.push(value.len() as u8);
+    out.extend_from_slice(value.as_bytes());
+    out
+}
+
+/// Frames of one connection, parsed by a task of their own (so waiting on
+/// them with a deadline never cuts a frame in half): (type, stream, payload).
+fn frames(
+    read: tokio::io::ReadHalf<TlsStream<TcpStream>>,
+) -> tokio::sync::mpsc::UnboundedReceiver<(u8, u32, Vec<u8>)> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut read = read;
+        loop {
+            let mut head = [0u8; 9];
+            if read.read_exact(&mut head).await.is_err() {
+                return;
+            }
+            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let mut payload = vec![0u8; len];
+            if read.read_exact(&mut payload).await.is_err() {
+                return;
+            }
+            let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+            if tx.send((head[3], stream, payload)).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// The next frame of stream 1 (HEADERS or RST_STREAM) within `wait`.
+async fn next_on_stream_one(
+    frames: &mut tokio::sync::mpsc::UnboundedReceiver<(u8, u32, Vec<u8>)>,
+    wait: Duration,
+) -> Option<(u8, Vec<u8>)> {
+    tokio::time::timeout(wait, async {
+        while let Some((kind, stream, payload)) = frames.recv().await {
+            if stream == 1 {
+                return Some((kind, payload));
+            }
+        }
+        None
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+/// HTTP/2: a DATA length that contradicts `content-length` resets the
+/// stream before any policy answer, every time: the agent waits for a small
+/// declared body before refusing, so its decision (a 403 here) never races
+/// the reset; an allowed request's stream is reset too.
+#[tokio::test]
+async fn http2_data_contradicting_content_length_resets_before_any_answer() {
+    let (backend, app) = RequestLog::start(None).await;
+    let mut deny_admin = common::inbound::route_prefix("admin", "/admin");
+    deny_admin.deny = vec![palisade_policy::wire::Rule::default()];
+    let proxy = TestProxy::start(app, shared(Some(mesh_policy(vec![deny_admin]))), |_| {}).await;
+    for path in ["/admin/x", "/public/x"] {
+        let tls = proxy.tls_as(WEB, Some(b"h2")).await.unwrap();
+        let (read, mut write) = tokio::io::split(tls);
+        let mut frames = frames(read);
+        let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        out.extend(frame(0x4, 0, 0, &[]));
+        let mut block = Vec::new();
+        for (k, v) in [
+            (":method", "POST"),
+            (":scheme", "https"),
+            (":path", path),
+            (":authority", "orders"),
+            ("content-length", "5"),
+        ] {
+            block.extend(literal(k, v));
+        }
+        // HEADERS (END_HEADERS, no END_STREAM): the body is still to come,
+        // so nothing may be answered yet.
+        out.extend(frame(0x1, 0x4, 1, &block));
+        write.write_all(&out).await.unwrap();
+        if path == "/admin/x" {
+            // Policy refuses it: no answer until the body is judged.
+            let early = next_on_stream_one(&mut frames, Duration::from_millis(300)).await;
+            assert_eq!(early, None, "{path}: answered before the body");
+        }
+        // DATA of 10 bytes (END_STREAM) against a content-length of 5.
+        write
+            .write_all(&frame(0x0, 0x1, 1, b"0123456789"))
+            .await
+            .unwrap();
+        // RST_STREAM with PROTOCOL_ERROR (0x1); on the allowed path the
+        // app may have answered first (its answer, not a policy's).
+        let mut outcome = next_on_stream_one(&mut frames, WAIT).await;
+        if path == "/public/x" && matches!(outcome, Some((0x1, _))) {
+            outcome = next_on_stream_one(&mut frames, WAIT).await;
+        }
+        assert_eq!(outcome, Some((0x3, vec![0, 0, 0, 1])), "{path}");
+    }
+    // The denied path never reached the app.
+    assert!(
+        !backend.seen().iter().any(|r| r.contains("/admin")),
+        "{:?}",
+        backend.seen()
+    );
+}
+
+/// A cap on requests in flight across all connections: beyond it requests
+/// are shed with 503 and `Retry-After`, counted, and served again once the
+/// load is gone.
+#[tokio::test]
+async fn requests_beyond_the_in_flight_cap_are_shed_with_503() {
+    let (backend, app) = RequestLog::start(Some("/slow")).await;
+    let (proxy, server) = TestProxy::bind(app, shared(Some(mesh_policy(vec![]))), |c| {
+        c.limits.max_requests_in_flight = 1;
+    })
+    .await;
+    let stats = server.stats();
+    tokio::spawn(server.run());
+
+    // One request in flight (the app never answers it).
+    let mut slow = proxy.tls_as(WEB, Some(b"http/1.1")).await.unwrap();
+    slow.write_all(b"GET /slow HTTP/1.1\r\nHost: orders\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::timeout(WAIT, async {
+        while backend.seen().is_empty() {
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the slow request reaches the app");
+    assert_eq!(stats.requests_in_flight(), 1);
+
+    let shed = exchange(
+        proxy.tls_as(WEB, Some(b"http/1.1")).await.unwrap(),
+        b"GET /ok HTTP/1.1\r\nHost: orders\r\nConnection: close\r\n\r\n",
+        false,
+        WAIT,
+    )
+    .await;
+    let shed = String::from_utf8_lossy(&shed);
+    assert!(shed.starts_with("HTTP/1.1 503"), "{shed}");
+    assert!(
+        shed.to_ascii_lowercase().contains("retry-after: 1"),
+        "{shed}"
+    );
+    assert!(shed.contains(r#"{"error":"unavailable""#), "{shed}");
+    assert_eq!(stats.requests_shed(), 1);
+    assert_eq!(backend.seen(), ["GET /slow"]);
+
+    // The slow client goes away: its place is free again.
+    drop(slow);
+    tokio::time::timeout(WAIT, async {
+        while stats.requests_in_flight() > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the abandoned request leaves");
+    let ok = exchange(
+        proxy.tls_as(WEB, Some(b"http/1.1")).await.unwrap(),
+        b"GET /ok HTTP/1.1\r\nHost: orders\r\nConnection: close\r\n\r\n",
+        false,
+        WAIT,
+    )
+    .await;
+    assert!(String::from_utf8_lossy(&ok).starts_with("HTTP/1.1 200"));
+}

@@ -265,7 +265,7 @@ async fn grpc_unary_and_bidi_streaming_pass_and_denials_are_grpc_shaped() {
 
 /// An HTTP/1.1 WebSocket app: answers the upgrade with 101, then sends a
 /// `hello` text frame and echoes each (unmasked) text frame back as
-/// `echo:<payload>`.
+/// `echo:<payload>`, recording `frame <payload>`.
 async fn websocket_app() -> (Log, SocketAddr) {
     let log = Log::default();
     let addr = serve(
@@ -288,6 +288,8 @@ async fn websocket_app() -> (Log, SocketAddr) {
                 let mut io = TokioIo::new(up);
                 let _ = io.write_all(&ws_frame(b"hello", None)).await;
                 while let Ok(payload) = read_ws_frame(&mut io).await {
+                    seen.lock()
+                        .push(format!("frame {}", String::from_utf8_lossy(&payload)));
                     let mut reply = b"echo:".to_vec();
                     reply.extend_from_slice(&payload);
                     if io.write_all(&ws_frame(&reply, None)).await.is_err() {
@@ -395,7 +397,75 @@ async fn websocket_upgrade_joins_both_sides_and_denied_upgrades_never_reach_the_
     let head = read_head(&mut tls).await.to_ascii_lowercase();
     assert!(head.starts_with("http/1.1 403"), "{head}");
 
-    assert_eq!(*log.lock(), ["GET /ws upgrade=websocket"]);
+    let requests: Vec<_> = log
+        .lock()
+        .iter()
+        .filter(|l| !l.starts_with("frame "))
+        .cloned()
+        .collect();
+    assert_eq!(requests, ["GET /ws upgrade=websocket"]);
+}
+
+/// A WebSocket is a tunnel past per-request policy: every new policy
+/// version asks again whether the request that opened it is allowed, and
+/// one no longer allowed is closed.
+#[tokio::test]
+async fn an_upgraded_connection_is_closed_when_a_new_policy_no_longer_allows_it() {
+    let (log, app) = websocket_app().await;
+    let current = shared(Some(policy()));
+    let p = TestProxy::start(app, current.clone(), |_| {}).await;
+    let mut tls = p.tls_as(WEB, Some(b"http/1.1")).await.unwrap();
+    tls.write_all(format!("GET /ws HTTP/1.1\r\n{WS_UPGRADE}").as_bytes())
+        .await
+        .unwrap();
+    let head = read_head(&mut tls).await.to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    let hello = tokio::time::timeout(WAIT, read_ws_frame(&mut tls))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(hello, b"hello");
+
+    // A new version that still admits the request: the tunnel carries on.
+    let mut still = with_version(policy(), "v2");
+    still.routes.push(route_prefix("extra", "/extra"));
+    current.replace(load(still));
+    tls.write_all(&ws_frame(b"after v2", Some([1, 2, 3, 4])))
+        .await
+        .unwrap();
+    let reply = tokio::time::timeout(WAIT, read_ws_frame(&mut tls))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(reply, b"echo:after v2");
+
+    // A version that denies WEB by identity: closed, and what the client
+    // writes afterwards never reaches the app.
+    let mut denied = policy();
+    denied.version = "v3".into();
+    for r in &mut denied.routes {
+        if r.id == "no-evil" {
+            r.deny[0].principals = vec![WEB.to_owned()];
+        }
+    }
+    current.replace(load(denied));
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(WAIT, tls.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the revoked tunnel is still open");
+    let _ = tls
+        .write_all(&ws_frame(b"after v3", Some([1, 2, 3, 4])))
+        .await;
+    let frames = log.lock().clone();
+    assert!(!frames.iter().any(|f| f.contains("after v3")), "{frames:?}");
+}
+
+fn with_version(mut p: pb::WorkloadPolicy, version: &str) -> pb::WorkloadPolicy {
+    p.version = version.into();
+    p
+}
+
+fn load(p: pb::WorkloadPolicy) -> palisade_agent::inbound::LoadedPolicy {
+    palisade_agent::inbound::LoadedPolicy::load(p, Default::default(), None).expect("loads")
 }
 
 /// A raw TCP app: records every connection and the bytes it received;

@@ -251,3 +251,216 @@ async fn scenario() {
     );
     assert!(agent.lines_matching(|l| l.contains("NACK")).is_empty());
 }
+
+// --- pushes keep what did not change, and revoke what no longer holds -----
+
+const DB: &str = "spiffe://cluster.local/ns/shop/sa/db";
+const DB_TOKEN: &str = "e2e-db-token-5c1d9e7a3f0b2468";
+
+/// `orders` with a per-caller limit of 2 per hour on /limited (`amount`),
+/// plus `extra` routes; `db` with its app port declared tcp and `db_rule`
+/// (`allow` or `deny`) for web.
+fn pushed_policies(amount: u32, extra: &str, db_port: u16, db_rule: &str) -> String {
+    format!(
+        r#"apiVersion: palisade.dev/v1alpha1
+kind: ApiSecurityPolicy
+metadata: {{name: orders, namespace: shop}}
+spec:
+  selector: {{matchLabels: {{app: orders}}}}
+  routes:
+    - name: limited
+      match:
+        path: {{prefix: /limited}}
+      allow: [{{principals: ["{WEB}"]}}]
+      rateLimit: {{amount: {amount}, period: 1h, key: principal}}{extra}
+---
+apiVersion: palisade.dev/v1alpha1
+kind: ApiSecurityPolicy
+metadata: {{name: db, namespace: shop}}
+spec:
+  selector: {{matchLabels: {{app: db}}}}
+  ports: [{{port: {db_port}, protocol: tcp}}]
+  routes:
+    - {db_rule}: [{{principals: ["{WEB}"]}}]
+"#
+    )
+}
+
+/// A TCP app that echoes every byte.
+async fn echo_app() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = tcp.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
+fn agent_for(
+    operator: SocketAddr,
+    bundle: &Path,
+    token: &Path,
+    listen: SocketAddr,
+    app: SocketAddr,
+    label: &str,
+    name: &str,
+) -> Proc {
+    let mut cmd = Command::new(workspace_bin("palisade-agent"));
+    cmd.arg("run")
+        .arg("--inbound")
+        .arg(format!("{listen}={app}"))
+        .arg("--trust-bundle")
+        .arg(bundle)
+        .arg("--operator")
+        .arg(operator.to_string())
+        .arg("--token-file")
+        .arg(token)
+        .arg("--operator-id")
+        .arg(OPERATOR_ID)
+        .args(["--admin", ""])
+        .args(["--label", label, "--pod-name", name])
+        .env_remove("POD_NAMESPACE")
+        .env_remove("POD_NAME")
+        .env("RUST_LOG", "info,palisade::audit=info");
+    Proc::spawn(name, cmd)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_keeps_unchanged_rate_limits_and_closes_tunnels_it_no_longer_allows() {
+    within(Duration::from_secs(90), push_scenario()).await;
+}
+
+async fn push_scenario() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let bundle = ca_init(&state);
+    let tokens = dir.path().join("tokens");
+    write_tokens(
+        &tokens,
+        &[
+            (ORDERS_TOKEN, "shop", "orders"),
+            (WEB_TOKEN, "shop", "web"),
+            (DB_TOKEN, "shop", "db"),
+        ],
+    );
+    let policies = dir.path().join("policies");
+    std::fs::create_dir(&policies).unwrap();
+    let db_app = echo_app().await;
+    write_policy(&policies, &pushed_policies(2, "", db_app.port(), "allow"));
+    let Operator {
+        proc: operator,
+        addr: operator_addr,
+        ..
+    } = Operator::start_with(
+        &state,
+        &tokens,
+        "127.0.0.1:0".parse().unwrap(),
+        "24h",
+        &dir_source_flags(&policies),
+    )
+    .await;
+
+    let (app, seen) = backend().await;
+    let orders_token = dir.path().join("orders-token");
+    std::fs::write(&orders_token, format!("{ORDERS_TOKEN}\n")).unwrap();
+    let db_token = dir.path().join("db-token");
+    std::fs::write(&db_token, format!("{DB_TOKEN}\n")).unwrap();
+    let (orders_addr, db_addr) = (free_port(), free_port());
+    let mut orders = agent_for(
+        operator_addr,
+        &bundle,
+        &orders_token,
+        orders_addr,
+        app,
+        "app=orders",
+        "orders-0",
+    );
+    let mut db = agent_for(
+        operator_addr,
+        &bundle,
+        &db_token,
+        db_addr,
+        db_app,
+        "app=db",
+        "db-0",
+    );
+    for agent in [&mut orders, &mut db] {
+        agent
+            .wait_for_line(STEP, |l| l.contains("policy applied"))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let client = Client::new(operator_addr, &bundle, orders_addr).await;
+
+    // The budget of 2 is spent.
+    assert_eq!(client.get("/limited/1").await, Ok(200));
+    assert_eq!(client.get("/limited/2").await, Ok(200));
+    assert_eq!(client.get("/limited/3").await, Ok(429));
+
+    // An opaque tunnel to db, admitted.
+    let config = client
+        .trust
+        .client_config(
+            Some(client.store.clone()),
+            Some(SpiffeId::parse(DB).unwrap()),
+        )
+        .unwrap();
+    let tcp = tokio::net::TcpStream::connect(db_addr).await.unwrap();
+    let mut tunnel = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(
+            rustls_pki_types::ServerName::try_from("mesh.invalid").unwrap(),
+            tcp,
+        )
+        .await
+        .expect("mTLS to db");
+    tunnel.write_all(b"ping").await.unwrap();
+    let mut echo = [0u8; 4];
+    tokio::time::timeout(STEP, tunnel.read_exact(&mut echo))
+        .await
+        .expect("echo in time")
+        .unwrap();
+    assert_eq!(&echo, b"ping");
+
+    // Push: another route for orders (the limit unchanged), and db no
+    // longer allows web.
+    let extra = "\n    - name: other\n      match: {path: {prefix: /other}}\n      allow: [{principals: [\"spiffe://cluster.local/ns/shop/sa/web\"]}]";
+    write_policy(&policies, &pushed_policies(2, extra, db_app.port(), "deny"));
+    client.eventually("/other", 200, &orders, &operator).await;
+    // The spent budget stayed spent: a push is not a fresh start.
+    assert_eq!(client.get("/limited/4").await, Ok(429));
+
+    // The tunnel was closed by the new policy: its end arrives, and a
+    // write after it never comes back.
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(STEP, tunnel.read_to_end(&mut rest)).await;
+    assert!(ended.is_ok(), "the revoked tunnel is still open");
+    assert!(rest.is_empty(), "{rest:?}");
+    let revoked = db
+        .wait_for_line(STEP, |l| {
+            l.contains("palisade::audit") && l.contains("tunnel.revoked")
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", db.transcript()));
+    assert!(revoked.contains(WEB), "{revoked}");
+
+    // The limit's settings change: a new limit, a new budget.
+    write_policy(&policies, &pushed_policies(3, extra, db_app.port(), "deny"));
+    client
+        .eventually("/limited/5", 200, &orders, &operator)
+        .await;
+    let limited: Vec<_> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|p| p.starts_with("/limited"))
+        .cloned()
+        .collect();
+    assert_eq!(limited, ["/limited/1", "/limited/2", "/limited/5"]);
+}

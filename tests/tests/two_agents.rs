@@ -78,7 +78,7 @@ fn snapshot(log: &Log) -> Vec<String> {
 struct Mesh {
     _dir: tempfile::TempDir,
     inbound: Proc,
-    _outbound: Proc,
+    outbound: Proc,
     /// The outbound agent's listener: where the client app connects.
     addr: SocketAddr,
 }
@@ -112,13 +112,15 @@ impl Mesh {
         cmd.arg("--outbound")
             .arg(format!("127.0.0.1:0={inbound_addr}"))
             .arg("--mesh-destination")
-            .arg(format!("{inbound_addr}={ORDERS}"));
+            .arg(format!("{inbound_addr}={ORDERS}"))
+            // Which ALPN each tunnel offered (the silent-app test waits on it).
+            .env("RUST_LOG", "info,palisade_agent::outbound=debug");
         let mut outbound = Proc::spawn("outbound agent (web)", cmd);
         let addr = listening(&mut outbound, "outbound proxy listening").await;
         Self {
             _dir: dir,
             inbound,
-            _outbound: outbound,
+            outbound,
             addr,
         }
     }
@@ -671,6 +673,42 @@ async fn websocket_upgrades_through_both_agents_and_denied_paths_never_reach_the
             .unwrap_or_else(|| panic!("{log:?}"));
         assert_xfcc_names_web(xfcc);
         assert_eq!(log[1], "ws closed");
+    })
+    .await;
+}
+
+/// The fallback attack through an outbound agent: an app that is silent
+/// past the outbound agent's detection timeout gets a tunnel without ALPN;
+/// the inbound agent still reads HTTP on its HTTP port, so the request it
+/// then sends meets every HTTP rule (here, a denied path) instead of being
+/// tunnelled to the app.
+#[tokio::test]
+async fn a_silent_app_behind_the_outbound_agent_cannot_tunnel_past_http_rules() {
+    bounded("silent app", 60, async {
+        let (log, app_addr) = websocket_app().await;
+        let mut mesh = Mesh::start(app_addr, OTHER, false).await;
+        let mut tcp = TcpStream::connect(mesh.addr).await.unwrap();
+        // Wait (on the event, not the clock) until the outbound agent has
+        // given up detecting and opened the tunnel without ALPN.
+        mesh.outbound
+            .wait_for_line(WAIT, |l| {
+                l.contains("mTLS tunnel established") && l.contains("none")
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        tcp.write_all(
+            b"GET /ws-denied/secrets HTTP/1.1\r\nHost: orders.shop\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let mut raw = Vec::new();
+        tokio::time::timeout(WAIT, tcp.read_to_end(&mut raw))
+            .await
+            .expect("answered and closed in time")
+            .unwrap();
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        assert!(text.starts_with("HTTP/1.1 403"), "{text}");
+        assert!(snapshot(&log).is_empty(), "{:?}", snapshot(&log));
     })
     .await;
 }
