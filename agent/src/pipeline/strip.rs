@@ -27,8 +27,8 @@
 //! decodes the client's framing on the way in and frames the forwarded message
 //! itself; HTTP/2 forbids connection-specific fields and hyper/h2 refuses or
 //! drops them. This step neither removes nor reinterprets it. The ambiguity
-//! check (both `Content-Length` and `Transfer-Encoding` → 400) is the policy
-//! engine's.
+//! check (both `Content-Length` and `Transfer-Encoding` → 400) is the shape
+//! step's (`palisade_policy::request_shape`).
 //!
 //! Refused (an [`Ambiguous`] error, answered with 400 `bad_request`): a
 //! `Connection` header that nominates `host`, `content-length` or

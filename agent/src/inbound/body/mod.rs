@@ -3,9 +3,11 @@
 //!
 //! - [`validate_request`] (after the global rate limits, before forward): the
 //!   size of a body whose length is not declared, counted while it streams
-//!   ([`LimitedBody`]), the media type of an HTTP/2 body without
-//!   `Content-Length`, and JSON Schema (the body is read up to a cap,
-//!   validated, and forwarded from memory).
+//!   ([`LimitedBody`]), and JSON Schema (the body is read up to a cap,
+//!   validated, and forwarded from memory). The media type is the engine's
+//!   (the one place it is checked).
+//! - [`ClientBody`]: the client's body, remembering whether the client broke
+//!   its own framing (answered as that, never as "app unreachable").
 //! - [`prepare_mask`] (before forward) and [`mask_response`] (right after
 //!   it): redaction and masking of a JSON response by JSON pointer.
 //!
@@ -32,8 +34,6 @@ pub mod reason {
     /// Same code as the engine's `Reason::BodyTooLarge`: one reason for a
     /// declared and a counted size.
     pub const BODY_TOO_LARGE: &str = "validation.body_too_large";
-    /// Same code as the engine's `Reason::UnsupportedMediaType`.
-    pub const CONTENT_TYPE: &str = "validation.content_type";
     pub const SCHEMA: &str = "validation.schema";
     pub const BODY_UNREADABLE: &str = "validation.body_unreadable";
     pub const UNMASKABLE: &str = "response.unmaskable";
