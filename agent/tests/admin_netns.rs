@@ -25,7 +25,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::inbound::mesh_policy;
-use common::netns::{Netns, run};
+use common::netns::{Netns, veth_pair};
 use common::proc::Proc;
 use common::{AGENT, Leaf, ORDERS, TestCa};
 use prost::Message;
@@ -77,29 +77,7 @@ fn netns_or_skip() -> bool {
 
 /// The pod and another pod, joined by a veth pair.
 fn pods() -> (Netns, Netns) {
-    let pod = Netns::new("adm-pod");
-    let other = Netns::new("adm-other");
-    let tag = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
-    let (pod_if, other_if) = (format!("aa{tag}"), format!("ab{tag}"));
-    run(pod.ip().args([
-        "link",
-        "add",
-        &pod_if,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        &other_if,
-        "netns",
-        &other.name,
-    ]));
-    for (ns, ifname, ip) in [(&pod, &pod_if, POD), (&other, &other_if, OTHER_POD)] {
-        run(ns
-            .ip()
-            .args(["addr", "add", &format!("{ip}/24"), "dev", ifname]));
-        run(ns.ip().args(["link", "set", ifname, "up"]));
-    }
-    (pod, other)
+    veth_pair("adm", POD, OTHER_POD)
 }
 
 /// `ca.pem`, the workload's `orders.pem`/`orders.key` and its policy.

@@ -12,7 +12,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 
 use common::AGENT;
-use common::netns::{Netns, run};
+use common::netns::{Netns, run, veth_pair};
 
 impl Netns {
     /// `iptables-save -t nat` without its `#` lines (they carry a timestamp).
@@ -122,30 +122,7 @@ fn init_installs_is_idempotent_and_cleans_up() {
 
 #[test]
 fn inbound_tcp_is_redirected_to_15006_except_excluded_ports() {
-    let pod = Netns::new("test-pod");
-    let client = Netns::new("test-cli");
-    let tag = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
-    let (pod_if, cli_if) = (format!("pp{tag}"), format!("pc{tag}"));
-    run(pod.ip().args([
-        "link",
-        "add",
-        &pod_if,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        &cli_if,
-        "netns",
-        &client.name,
-    ]));
-    run(pod
-        .ip()
-        .args(["addr", "add", "10.77.0.1/24", "dev", &pod_if]));
-    run(pod.ip().args(["link", "set", &pod_if, "up"]));
-    run(client
-        .ip()
-        .args(["addr", "add", "10.77.0.2/24", "dev", &cli_if]));
-    run(client.ip().args(["link", "set", &cli_if, "up"]));
+    let (pod, client) = veth_pair("test", "10.77.0.1", "10.77.0.2");
 
     pod.agent_init(&["--exclude-inbound-ports", "9999"]);
 

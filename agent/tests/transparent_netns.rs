@@ -36,7 +36,7 @@ use std::time::Duration;
 use common::backend::Http;
 use common::discovery::{FakeDiscovery, Seen, mesh_destinations};
 use common::inbound::mesh_policy;
-use common::netns::{Netns, run};
+use common::netns::{Netns, veth_pair};
 use common::operator::FakeOperator;
 use common::outbound::{
     SeenHeaders, assert_one_request_from_web_at_orders, read_until, recording_app,
@@ -106,20 +106,7 @@ fn netns_or_skip() -> bool {
 
 /// Two namespaces joined by a veth pair: A = 10.79.0.1, B = 10.79.0.2.
 fn pods() -> (Netns, Netns) {
-    let a = Netns::new("tp-a");
-    let b = Netns::new("tp-b");
-    let tag = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
-    let (a_if, b_if) = (format!("ta{tag}"), format!("tb{tag}"));
-    run(a.ip().args([
-        "link", "add", &a_if, "type", "veth", "peer", "name", &b_if, "netns", &b.name,
-    ]));
-    for (ns, ifname, ip) in [(&a, &a_if, POD_A), (&b, &b_if, POD_B)] {
-        run(ns
-            .ip()
-            .args(["addr", "add", &format!("{ip}/24"), "dev", ifname]));
-        run(ns.ip().args(["link", "set", ifname, "up"]));
-    }
-    (a, b)
+    veth_pair("tp", POD_A, POD_B)
 }
 
 // ---------------------------------------------------------------------------

@@ -167,25 +167,15 @@ async fn scenario() {
     let agent_token = dir.path().join("agent-token");
     std::fs::write(&agent_token, format!("{ORDERS_TOKEN}\n")).unwrap();
     let inbound = free_port();
-    let mut cmd = Command::new(workspace_bin("palisade-agent"));
-    cmd.arg("run")
-        .arg("--inbound")
-        .arg(format!("{inbound}={app}"))
-        .arg("--trust-bundle")
-        .arg(&bundle)
-        .arg("--operator")
-        .arg(operator_addr.to_string())
-        .arg("--token-file")
-        .arg(&agent_token)
-        .arg("--operator-id")
-        .arg(OPERATOR_ID)
-        .args(["--admin", ""])
-        .args(["--label", "app=orders", "--pod-name", "orders-0"])
-        .env_remove("POD_NAMESPACE")
-        .env_remove("POD_NAME")
-        .env_remove("PALISADE_POLICY_FILE")
-        .env("RUST_LOG", "info");
-    let mut agent = Proc::spawn("palisade-agent", cmd);
+    let mut agent = agent_for(
+        operator_addr,
+        &bundle,
+        &agent_token,
+        inbound,
+        app,
+        "app=orders",
+        "orders-0",
+    );
     let applied = agent
         .wait_for_line(STEP, |l| l.contains("policy applied"))
         .await

@@ -23,6 +23,25 @@ pub fn run(cmd: &mut Command) -> Output {
     out
 }
 
+/// Two namespaces joined by a veth pair, addressed `a_ip/24` and `b_ip/24`
+/// and up (the pair goes with the namespaces).
+pub fn veth_pair(tag: &str, a_ip: &str, b_ip: &str) -> (Netns, Netns) {
+    let a = Netns::new(&format!("{tag}-a"));
+    let b = Netns::new(&format!("{tag}-b"));
+    let suffix = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
+    let (a_if, b_if) = (format!("va{suffix}"), format!("vb{suffix}"));
+    run(a.ip().args([
+        "link", "add", &a_if, "type", "veth", "peer", "name", &b_if, "netns", &b.name,
+    ]));
+    for (ns, ifname, ip) in [(&a, &a_if, a_ip), (&b, &b_if, b_ip)] {
+        run(ns
+            .ip()
+            .args(["addr", "add", &format!("{ip}/24"), "dev", ifname]));
+        run(ns.ip().args(["link", "set", ifname, "up"]));
+    }
+    (a, b)
+}
+
 /// A network namespace, deleted on drop (also when the test panics).
 pub struct Netns {
     pub name: String,

@@ -136,11 +136,7 @@ impl CompiledRole {
 
     /// Whether a peer holds the role on identity alone.
     fn held_by_peer(&self, peer: Option<&SpiffeId>) -> bool {
-        let Some(id) = peer else { return false };
-        self.principals
-            .iter()
-            .any(|p| principal_matches(p, id.as_str()))
-            || self.namespaces.iter().any(|ns| id.namespace() == &**ns)
+        any_principal(&self.principals, peer) || any_namespace(&self.namespaces, peer)
     }
 
     pub fn compile(role: &pb::Role) -> Self {
@@ -153,14 +149,7 @@ impl CompiledRole {
     }
 
     fn holds(&self, request: &Request<'_>) -> bool {
-        let peer = request.peer;
-        self.principals
-            .iter()
-            .any(|p| peer.is_some_and(|id| principal_matches(p, id.as_str())))
-            || self
-                .namespaces
-                .iter()
-                .any(|ns| peer.is_some_and(|id| id.namespace() == &**ns))
+        self.held_by_peer(request.peer)
             || self.claims.iter().any(|c| claim_has_value(request, c))
             || self
                 .api_key_clients
@@ -254,16 +243,13 @@ impl CompiledRule {
                 .roles
                 .iter()
                 .any(|&r| roles[r as usize].held_by_peer(peer)))
-            && (self.principals.is_empty()
-                || self
-                    .principals
-                    .iter()
-                    .any(|p| peer.is_some_and(|id| principal_matches(p, id.as_str()))))
-            && (self.namespaces.is_empty()
-                || self
-                    .namespaces
-                    .iter()
-                    .any(|ns| peer.is_some_and(|id| id.namespace() == &**ns)))
+            && self.connection_fields_match(peer, client_ip)
+    }
+
+    /// The fields a connection carries: principals, namespaces, source CIDRs.
+    fn connection_fields_match(&self, peer: Option<&SpiffeId>, client_ip: IpAddr) -> bool {
+        (self.principals.is_empty() || any_principal(&self.principals, peer))
+            && (self.namespaces.is_empty() || any_namespace(&self.namespaces, peer))
             && (self.source_cidrs.is_empty()
                 || self.source_cidrs.iter().any(|n| n.contains(&client_ip)))
     }
@@ -278,26 +264,25 @@ impl CompiledRule {
         let request = ctx.request;
         let peer = request.peer;
         (self.roles.is_empty() || self.roles.iter().any(|&r| holds_role(ctx, roles, r)))
-            && (self.principals.is_empty()
-                || self
-                    .principals
-                    .iter()
-                    .any(|p| peer.is_some_and(|id| principal_matches(p, id.as_str()))))
-            && (self.namespaces.is_empty()
-                || self
-                    .namespaces
-                    .iter()
-                    .any(|ns| peer.is_some_and(|id| id.namespace() == &**ns)))
+            && self.connection_fields_match(peer, ctx.client_ip)
             && (self.api_key_clients.is_empty()
                 || self
                     .api_key_clients
                     .iter()
                     .any(|c| request.api_key_client == Some(&**c)))
             && (self.claims.is_empty() || self.claims.iter().any(|c| claim_has_value(request, c)))
-            && (self.source_cidrs.is_empty()
-                || self.source_cidrs.iter().any(|n| n.contains(&ctx.client_ip)))
             && self.conditions.iter().all(|c| c.holds(ctx, polarity))
     }
+}
+
+/// `peer` is one of `principals` (a trailing `*` matches any suffix).
+fn any_principal(principals: &[Box<str>], peer: Option<&SpiffeId>) -> bool {
+    peer.is_some_and(|id| principals.iter().any(|p| principal_matches(p, id.as_str())))
+}
+
+/// `peer` is in one of `namespaces`.
+fn any_namespace(namespaces: &[Box<str>], peer: Option<&SpiffeId>) -> bool {
+    peer.is_some_and(|id| namespaces.iter().any(|ns| id.namespace() == &**ns))
 }
 
 fn holds_role(ctx: &mut MatchContext<'_>, roles: &[CompiledRole], index: u32) -> bool {

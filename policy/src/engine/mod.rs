@@ -33,7 +33,7 @@ pub use routes::{BodyRules, CompiledRateLimit, RateLimitKey};
 use authz::{CompiledRole, MatchContext, Polarity, RoleCache, parse_cidr};
 use routes::{MatchedRoute, RouteTable};
 
-use crate::normalize::{NormalizeOptions, normalize_target};
+use crate::normalize::{NormalizeOptions, NormalizedTarget, normalize_target};
 
 /// Why a `WorkloadPolicy` cannot be enforced. The agent NACKs with this text
 /// and keeps the policy it has.
@@ -46,6 +46,9 @@ impl LoadError {
         Self(message.into())
     }
 }
+
+/// A refusal before routing, with the normalized path when there is one.
+type RefusedEarly<'e, 'r> = (Verdict<'e>, Option<std::borrow::Cow<'r, str>>);
 
 /// Which routes an evaluation pass looks at.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -297,31 +300,18 @@ impl PolicyEngine {
             body: None,
             response_mask: None,
         };
-        let enforced_filter = self.ip_filter(request.port, client_ip, Layer::Enforced);
         let shadow_filter = self
             .has_audit_layer
             .then(|| self.ip_filter(request.port, client_ip, Layer::WithAudit))
             .flatten();
-        if let Some(v) = enforced_filter {
-            decision.verdict = v;
-            return decision;
-        }
-        if request.peer.is_none() && self.mtls_mode(request.port) == pb::MtlsMode::Strict {
-            decision.verdict = Verdict::deny(401, Reason::MtlsRequired, None);
-            return decision;
-        }
-        let target = match normalize_target(request.target, &self.normalize) {
-            Ok(t) => t,
-            Err(e) => {
-                decision.verdict = Verdict::deny(400, Reason::invalid_path(&e), None);
+        let target = match self.before_routing(request, client_ip) {
+            Ok(target) => target,
+            Err((verdict, path)) => {
+                decision.verdict = verdict;
+                decision.normalized_path = path;
                 return decision;
             }
         };
-        if request.credential_error.is_some() {
-            decision.verdict = Verdict::deny(401, Reason::AuthenticationFailed, None);
-            decision.normalized_path = Some(target.path);
-            return decision;
-        }
 
         let (minute_of_day, weekday) = time_of_day(request.time.unix_seconds);
         let mut ctx = MatchContext {
@@ -357,19 +347,10 @@ impl PolicyEngine {
     pub fn reauthorize<'e>(&'e self, request: &Request<'_>) -> Verdict<'e> {
         let client_ip =
             client_ip::client_ip(request.peer_addr, request.headers, &self.trusted_proxies);
-        if let Some(v) = self.ip_filter(request.port, client_ip, Layer::Enforced) {
-            return v;
-        }
-        if request.peer.is_none() && self.mtls_mode(request.port) == pb::MtlsMode::Strict {
-            return Verdict::deny(401, Reason::MtlsRequired, None);
-        }
-        let target = match normalize_target(request.target, &self.normalize) {
-            Ok(t) => t,
-            Err(e) => return Verdict::deny(400, Reason::invalid_path(&e), None),
+        let target = match self.before_routing(request, client_ip) {
+            Ok(target) => target,
+            Err((verdict, _)) => return verdict,
         };
-        if request.credential_error.is_some() {
-            return Verdict::deny(401, Reason::AuthenticationFailed, None);
-        }
         let (minute_of_day, weekday) = time_of_day(request.time.unix_seconds);
         let mut ctx = MatchContext {
             request,
@@ -395,6 +376,30 @@ impl PolicyEngine {
             Some(d) => Verdict::deny(410, Reason::Sunset, Some(&*d.id)),
             None => verdict,
         }
+    }
+
+    /// The steps before routing, shared by [`decide`](Self::decide) and
+    /// [`reauthorize`](Self::reauthorize): the enforced IP filter, the mTLS
+    /// requirement, path normalization, a credential that failed. A refusal
+    /// comes with the normalized path when there is one.
+    fn before_routing<'e, 'r>(
+        &'e self,
+        request: &Request<'r>,
+        client_ip: IpAddr,
+    ) -> Result<NormalizedTarget<'r>, RefusedEarly<'e, 'r>> {
+        if let Some(v) = self.ip_filter(request.port, client_ip, Layer::Enforced) {
+            return Err((v, None));
+        }
+        if request.peer.is_none() && self.mtls_mode(request.port) == pb::MtlsMode::Strict {
+            return Err((Verdict::deny(401, Reason::MtlsRequired, None), None));
+        }
+        let target = normalize_target(request.target, &self.normalize)
+            .map_err(|e| (Verdict::deny(400, Reason::invalid_path(&e), None), None))?;
+        if request.credential_error.is_some() {
+            let refused = Verdict::deny(401, Reason::AuthenticationFailed, None);
+            return Err((refused, Some(target.path)));
+        }
+        Ok(target)
     }
 
     fn ip_filter(&self, port: u16, ip: IpAddr, layer: Layer) -> Option<Verdict<'_>> {
