@@ -85,6 +85,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use http::header::HeaderValue;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
@@ -274,10 +275,40 @@ impl ConnectionStats {
 /// requests go.
 pub(crate) struct ConnInfo {
     pub(crate) peer_addr: IpAddr,
-    /// The verified mTLS peer and its leaf certificate (DER, for XFCC).
-    pub(crate) peer: Option<(SpiffeId, Option<Vec<u8>>)>,
+    /// The verified mTLS peer.
+    pub(crate) peer: Option<SpiffeId>,
     /// The app address for this connection.
     pub(crate) app: SocketAddr,
+    /// What every request of the connection tells the app about its client,
+    /// computed once: `x-forwarded-client-cert` (None for plaintext) and the
+    /// peer's address for `X-Forwarded-For`.
+    pub(crate) xfcc: Option<HeaderValue>,
+    pub(crate) forwarded_for: HeaderValue,
+}
+
+impl ConnInfo {
+    fn new(
+        shared: &Shared,
+        peer_addr: IpAddr,
+        peer: Option<SpiffeId>,
+        peer_der: Option<&[u8]>,
+        app: SocketAddr,
+    ) -> Self {
+        let xfcc = match (&peer, shared.config.certs.current()) {
+            (Some(id), Some(local)) => Some(crate::pipeline::xfcc::xfcc_value(
+                local.spiffe_id(),
+                crate::pipeline::xfcc::PeerCert { id, der: peer_der },
+            )),
+            _ => None,
+        };
+        Self {
+            peer_addr,
+            peer,
+            app,
+            xfcc,
+            forwarded_for: crate::pipeline::forwarded::address_value(peer_addr),
+        }
+    }
 }
 
 /// A bound inbound listener; [`run`](Self::run) serves it.
@@ -453,11 +484,7 @@ async fn connection(
         let mut first = [0u8; 1];
         match tokio::time::timeout(timeout, tcp.peek(&mut first)).await {
             Ok(Ok(1)) if first[0] != TLS_HANDSHAKE_RECORD => {
-                let info = ConnInfo {
-                    peer_addr: peer_addr.ip(),
-                    peer: None,
-                    app,
-                };
+                let info = ConnInfo::new(&shared, peer_addr.ip(), None, None, app);
                 dispatch(shared, tcp, info, None, drain).await;
                 return;
             }
@@ -482,24 +509,15 @@ async fn connection(
     };
     let conn = tls.get_ref().1;
     let peer = match peer_identity(conn, shared.config.trust.trust_domain()) {
-        Ok(id) => id.map(|id| {
-            let der = conn
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .map(|c| c.as_ref().to_vec());
-            (id, der)
-        }),
+        Ok(id) => id,
         Err(e) => {
             tracing::debug!(peer = %peer_addr, error = %e, "no usable peer identity");
             return;
         }
     };
+    let der = conn.peer_certificates().and_then(|c| c.first());
     let alpn = detect::from_alpn(conn.alpn_protocol());
-    let info = ConnInfo {
-        peer_addr: peer_addr.ip(),
-        peer,
-        app,
-    };
+    let info = ConnInfo::new(&shared, peer_addr.ip(), peer, der.map(|c| c.as_ref()), app);
     dispatch(shared, tls, info, alpn, drain).await;
 }
 
@@ -534,7 +552,7 @@ fn audit_not_http(shared: &Shared, info: &ConnInfo, reason: &str, started: Insta
     let connection_id = crate::pipeline::request_id::generate();
     AuditEvent {
         request_id: connection_id.to_str().unwrap_or_default(),
-        source_identity: info.peer.as_ref().map(|(id, _)| id.as_str()),
+        source_identity: info.peer.as_ref().map(SpiffeId::as_str),
         source_ip: Some(info.peer_addr),
         method: "-",
         allowed: false,

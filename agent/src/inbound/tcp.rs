@@ -39,7 +39,7 @@ fn audit(
     let engine = policy.map(|p| &p.engine);
     AuditEvent {
         request_id: connection_id,
-        source_identity: info.peer.as_ref().map(|(id, _)| id.as_str()),
+        source_identity: info.peer.as_ref().map(SpiffeId::as_str),
         source_ip: Some(info.peer_addr),
         method: "TCP",
         allowed,
@@ -57,7 +57,7 @@ fn connection<'a>(info: &'a ConnInfo) -> Connection<'a> {
     Connection {
         port: info.app.port(),
         peer_addr: info.peer_addr,
-        peer: info.peer.as_ref().map(|(id, _)| id),
+        peer: info.peer.as_ref(),
     }
 }
 
@@ -72,7 +72,7 @@ where
     // Subscribed first: a version replacing this one re-checks the tunnel.
     let updates = shared.config.policy.subscribe();
     let policy = shared.config.policy.current();
-    let peer = info.peer.as_ref().map(|(id, _)| id);
+    let peer = info.peer.as_ref();
     let refused = |reason: &str| {
         tracing::info!(
             peer = %info.peer_addr,

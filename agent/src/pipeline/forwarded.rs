@@ -15,34 +15,39 @@ use http::header::{FORWARDED, HeaderMap, HeaderName, HeaderValue};
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 
-pub fn set_forwarded_for(headers: &mut HeaderMap, peer: IpAddr, peer_is_trusted: bool) {
-    let peer_text = peer.to_canonical().to_string();
+/// The `X-Forwarded-For` value naming `peer` (IPv4-mapped addresses as
+/// IPv4); computed once per connection.
+pub fn address_value(peer: IpAddr) -> HeaderValue {
+    // An address always formats as visible ASCII.
+    HeaderValue::try_from(peer.to_canonical().to_string())
+        .unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+}
+
+/// Sets `X-Forwarded-For` from `peer` (an [`address_value`]); no allocation
+/// for an untrusted peer.
+pub fn set_forwarded_for(headers: &mut HeaderMap, peer: &HeaderValue, peer_is_trusted: bool) {
     if peer_is_trusted {
         let chain: Vec<&str> = headers
             .get_all(&X_FORWARDED_FOR)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .collect();
-        let value = if chain.is_empty() {
-            peer_text
-        } else {
-            format!("{}, {peer_text}", chain.join(", "))
-        };
-        if let Ok(v) = HeaderValue::try_from(value) {
-            headers.insert(X_FORWARDED_FOR, v);
+        if !chain.is_empty() {
+            let value = format!(
+                "{}, {}",
+                chain.join(", "),
+                peer.to_str().unwrap_or_default()
+            );
+            if let Ok(v) = HeaderValue::try_from(value) {
+                headers.insert(X_FORWARDED_FOR, v);
+            }
+            return;
         }
-        return;
+    } else {
+        headers.remove(FORWARDED);
+        headers.remove(X_REAL_IP);
     }
-    headers.remove(FORWARDED);
-    headers.remove(X_REAL_IP);
-    match HeaderValue::try_from(peer_text) {
-        Ok(v) => {
-            headers.insert(X_FORWARDED_FOR, v);
-        }
-        Err(_) => {
-            headers.remove(X_FORWARDED_FOR);
-        }
-    }
+    headers.insert(X_FORWARDED_FOR, peer.clone());
 }
 
 #[cfg(test)]
@@ -65,14 +70,18 @@ mod tests {
             ("forwarded", "for=9.9.9.9"),
             ("x-real-ip", "8.8.8.8"),
         ]);
-        set_forwarded_for(&mut h, "10.0.0.7".parse().unwrap(), false);
+        set_forwarded_for(&mut h, &address_value("10.0.0.7".parse().unwrap()), false);
         assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
         assert_eq!(h["x-forwarded-for"], "10.0.0.7");
         assert!(h.get("forwarded").is_none());
         assert!(h.get("x-real-ip").is_none());
         // Without any header the peer is still named.
         let mut h = HeaderMap::new();
-        set_forwarded_for(&mut h, "::ffff:10.0.0.7".parse().unwrap(), false);
+        set_forwarded_for(
+            &mut h,
+            &address_value("::ffff:10.0.0.7".parse().unwrap()),
+            false,
+        );
         assert_eq!(h["x-forwarded-for"], "10.0.0.7");
     }
 
@@ -82,10 +91,10 @@ mod tests {
             ("x-forwarded-for", "1.2.3.4"),
             ("x-forwarded-for", "5.6.7.8"),
         ]);
-        set_forwarded_for(&mut h, "10.0.0.7".parse().unwrap(), true);
+        set_forwarded_for(&mut h, &address_value("10.0.0.7".parse().unwrap()), true);
         assert_eq!(h["x-forwarded-for"], "1.2.3.4, 5.6.7.8, 10.0.0.7");
         let mut h = HeaderMap::new();
-        set_forwarded_for(&mut h, "10.0.0.7".parse().unwrap(), true);
+        set_forwarded_for(&mut h, &address_value("10.0.0.7".parse().unwrap()), true);
         assert_eq!(h["x-forwarded-for"], "10.0.0.7");
     }
 }

@@ -26,8 +26,7 @@ use crate::ratelimit::headers::insert_rate_limit_headers;
 /// What the engine decided for an admitted request, owned where the request
 /// is changed afterwards, borrowed from the policy otherwise.
 pub(crate) struct Outcome<'p> {
-    /// The normalized path the app receives, and the untouched query.
-    pub path: String,
+    /// The untouched query (the normalized path is the exchange's).
     pub query: Option<String>,
     /// The absolute-form target's or HTTP/2's authority: the host.
     pub authority: Option<String>,
@@ -69,7 +68,7 @@ pub(super) fn authorize<'a>(
         headers: &head.headers,
         port: ex.conn.app.port(),
         peer_addr: ex.conn.peer_addr,
-        peer: ex.conn.peer.as_ref().map(|(id, _)| id),
+        peer: ex.conn.peer.as_ref(),
         jwt_claims: credentials.claims.as_deref(),
         api_key_client: credentials.api_key_client,
         credential_error: credentials.error,
@@ -101,10 +100,10 @@ pub(super) fn authorize<'a>(
         return Err(refusal);
     }
     ex.allowed_reason = d.verdict.reason.as_str();
-    let Some(path) = ex.path.clone() else {
+    if ex.path.is_none() {
         // An allowed request always has a normalized path; fail closed.
         return Err(Refusal::new(400, "request.invalid_path"));
-    };
+    }
     let mut key_buf = [0u8; 16];
     let global = d
         .global_limits
@@ -117,7 +116,6 @@ pub(super) fn authorize<'a>(
         })
         .collect();
     Ok(Outcome {
-        path,
         query: d.query.map(str::to_owned),
         authority,
         rate_limit: d.rate_limit.map(|r| r.outcome),
@@ -161,7 +159,7 @@ impl AdmittedRequest {
             headers: req.headers().clone(),
             port: ex.conn.app.port(),
             peer_addr: ex.conn.peer_addr,
-            peer: ex.conn.peer.as_ref().map(|(id, _)| id.clone()),
+            peer: ex.conn.peer.as_ref().cloned(),
             request_id: ex.request_id().to_owned(),
             path: ex.path.clone(),
             started: ex.shared.started,

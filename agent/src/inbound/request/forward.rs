@@ -20,7 +20,6 @@ use crate::inbound::body::{self, LimitSignal};
 use crate::pipeline::forwarded::set_forwarded_for;
 use crate::pipeline::response_headers::apply_response_headers;
 use crate::pipeline::strip::X_FORWARDED_CLIENT_CERT;
-use crate::pipeline::xfcc::{PeerCert, set_xfcc};
 use crate::ratelimit::GlobalOutcome;
 use crate::ratelimit::headers::{insert_global_headers, insert_rate_limit_headers};
 
@@ -41,11 +40,12 @@ pub(super) async fn forward<'a>(
         .is_some()
         .then(|| AdmittedRequest::new(ex, &req, host));
 
-    let target = match &outcome.query {
-        Some(q) => format!("{}?{q}", outcome.path),
-        None => outcome.path.clone(),
+    let path = ex.path.as_deref().unwrap_or("/");
+    let pq = match &outcome.query {
+        Some(q) => PathAndQuery::try_from(format!("{path}?{q}")),
+        None => PathAndQuery::try_from(path),
     };
-    let Ok(pq) = PathAndQuery::try_from(target) else {
+    let Ok(pq) = pq else {
         return Err(Refusal::new(400, "request.invalid_path"));
     };
     *req.uri_mut() = Uri::from(pq);
@@ -59,23 +59,20 @@ pub(super) async fn forward<'a>(
         req.headers_mut().insert(HOST, value);
     }
     let conn = ex.conn;
-    match (&conn.peer, ex.shared.config.certs.current()) {
-        (Some((id, der)), Some(local)) => set_xfcc(
-            req.headers_mut(),
-            local.spiffe_id(),
-            Some(PeerCert {
-                id,
-                der: der.as_deref(),
-            }),
-        ),
-        // Plaintext (or no local certificate): no XFCC; strip removed any.
-        _ => {
+    // Computed once per connection (`ConnInfo`).
+    match &conn.xfcc {
+        Some(xfcc) => {
+            req.headers_mut()
+                .insert(X_FORWARDED_CLIENT_CERT, xfcc.clone());
+        }
+        // Plaintext: no XFCC; strip removed any.
+        None => {
             req.headers_mut().remove(X_FORWARDED_CLIENT_CERT);
         }
     }
     set_forwarded_for(
         req.headers_mut(),
-        conn.peer_addr,
+        &conn.forwarded_for,
         policy.engine.is_trusted_proxy(conn.peer_addr),
     );
     // A verified API key has done its job; the app (and its logs) never see

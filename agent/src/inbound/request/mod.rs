@@ -215,7 +215,7 @@ impl<'a> Exchange<'a> {
         AuditEvent {
             request_id: self.request_id(),
             trace_id: audit::trace_id(self.traceparent.as_ref().and_then(|v| v.to_str().ok())),
-            source_identity: self.conn.peer.as_ref().map(|(id, _)| id.as_str()),
+            source_identity: self.conn.peer.as_ref().map(|id| id.as_str()),
             source_ip: Some(self.conn.peer_addr),
             route: self.route,
             method: self.method.as_str(),
