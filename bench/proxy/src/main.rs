@@ -105,6 +105,8 @@ struct Outcome {
     rss: Vec<(String, u64, u64)>,
     /// The status an allowed-CA but not-allowed SPIFFE ID gets (authz check).
     intruder: Option<u16>,
+    /// CPU time (user + system) of all proxy processes per request, µs.
+    cpu_us_per_request: Option<f64>,
 }
 
 struct Env {
@@ -369,6 +371,7 @@ async fn measure(
         .map(|p| rss_kib(p.pid()).unwrap_or(0))
         .collect();
     let sampler = RssSampler::start(proxies.iter().map(Proxy::pid).collect());
+    let cpu_before: Option<u64> = proxies.iter().map(|p| cpu_ticks(p.pid())).sum();
     let samples = load::run(
         &target,
         env.args.connections,
@@ -377,7 +380,17 @@ async fn measure(
     )
     .await;
     let peaks = sampler.stop();
+    let cpu_after: Option<u64> = proxies.iter().map(|p| cpu_ticks(p.pid())).sum();
     let summary = samples.summary(env.args.duration);
+    // The CPU was counted over warm-up and measurement; the requests of
+    // both are estimated from the measured rate.
+    let window = (env.args.warmup + env.args.duration).as_secs_f64();
+    let cpu_us_per_request = match (cpu_before, cpu_after) {
+        (Some(b), Some(a)) if !proxies.is_empty() && summary.rps > 0.0 => {
+            Some(a.saturating_sub(b) as f64 * 1e6 / ticks_per_second() / (summary.rps * window))
+        }
+        _ => None,
+    };
     eprintln!(
         "{}: {:.0} req/s, p50 {} ms, p99 {} ms, {} errors",
         setup.name(),
@@ -396,7 +409,25 @@ async fn measure(
         summary,
         rss,
         intruder,
+        cpu_us_per_request,
     })
+}
+
+/// User + system CPU of a process so far, in clock ticks (`/proc/<pid>/stat`).
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces; fields count from after its `)`.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
+fn ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 { t as f64 } else { 100.0 }
 }
 
 fn mib(kib: u64) -> String {
@@ -417,11 +448,11 @@ fn report(env: &Env, outcomes: &[Outcome], notes: &[String], envoy: Option<&str>
     );
     let _ = writeln!(
         out,
-        "| setup | req/s | p50 ms | p90 ms | p99 ms | max ms | errors | added p50 ms | added p99 ms | proxy RSS idle MiB | proxy RSS peak MiB |"
+        "| setup | req/s | p50 ms | p90 ms | p99 ms | max ms | errors | added p50 ms | added p99 ms | proxy CPU µs/req | proxy RSS idle MiB | proxy RSS peak MiB |"
     );
     let _ = writeln!(
         out,
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     let direct = outcomes
         .iter()
@@ -448,7 +479,7 @@ fn report(env: &Env, outcomes: &[Outcome], notes: &[String], envoy: Option<&str>
         };
         let _ = writeln!(
             out,
-            "| {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             o.setup.name(),
             s.rps,
             ms(s.p50),
@@ -458,6 +489,8 @@ fn report(env: &Env, outcomes: &[Outcome], notes: &[String], envoy: Option<&str>
             s.errors,
             added(s.p50, |d| d.p50),
             added(s.p99, |d| d.p99),
+            o.cpu_us_per_request
+                .map_or_else(|| "—".to_owned(), |c| format!("{c:.1}")),
             rss(|r| r.1),
             rss(|r| r.2),
         );
@@ -468,6 +501,9 @@ fn report(env: &Env, outcomes: &[Outcome], notes: &[String], envoy: Option<&str>
         let added = |x: u32, d: u32| f64::from(x) - f64::from(d);
         let _ = writeln!(out, "\n| palisade / envoy | ratio |\n|---|---:|");
         let _ = writeln!(out, "| req/s | {} |", ratio(ps.rps, es.rps));
+        if let (Some(pc), Some(ec)) = (p.cpu_us_per_request, e.cpu_us_per_request) {
+            let _ = writeln!(out, "| proxy CPU per request | {} |", ratio(pc, ec));
+        }
         let _ = writeln!(
             out,
             "| p50 latency | {} |",
