@@ -15,6 +15,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .message_attribute(".palisade.policy.v1", "#[derive(serde::Serialize)]")
         .enum_attribute(".palisade.policy.v1", "#[derive(serde::Serialize)]")
+        // Audit batches are hashed into the collector's chain: a map with a
+        // fixed order encodes the same way every time.
+        .btree_map(".palisade.audit.v1")
         .compile_fds(fds)?;
     Ok(())
 }

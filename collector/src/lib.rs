@@ -1,0 +1,6 @@
+//! The audit collector (DESIGN §7): receives `Audit.Report` streams from
+//! agents over mTLS, binds every event to the reporting peer's identity,
+//! stores batches hash-chained per agent instance, and serves them back.
+
+pub mod event;
+pub mod store;
