@@ -16,6 +16,9 @@ pub enum RecordKind {
     /// A report the collector refused (a peer claiming another workload's
     /// events); `reason` says why, `source_principal` is the peer.
     RefusedReport,
+    /// An alert the collector raised from its alert rules (`crate::alerts`):
+    /// `rule` names the rule, `reason` is `alert.<kind>`.
+    Alert,
 }
 
 impl RecordKind {
@@ -24,6 +27,7 @@ impl RecordKind {
             RecordKind::Decision => "decision",
             RecordKind::Gap => "gap",
             RecordKind::RefusedReport => "refused_report",
+            RecordKind::Alert => "alert",
         }
     }
 
@@ -32,6 +36,7 @@ impl RecordKind {
             "decision" => Some(RecordKind::Decision),
             "gap" => Some(RecordKind::Gap),
             "refused_report" => Some(RecordKind::RefusedReport),
+            "alert" => Some(RecordKind::Alert),
             _ => None,
         }
     }
