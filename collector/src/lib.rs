@@ -2,5 +2,6 @@
 //! agents over mTLS, binds every event to the reporting peer's identity,
 //! stores batches hash-chained per agent instance, and serves them back.
 
+pub mod alerts;
 pub mod event;
 pub mod store;
