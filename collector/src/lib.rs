@@ -4,4 +4,5 @@
 
 pub mod alerts;
 pub mod event;
+pub mod otlp;
 pub mod store;
