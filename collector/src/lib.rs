@@ -3,6 +3,12 @@
 //! stores batches hash-chained per agent instance, and serves them back.
 
 pub mod alerts;
+pub mod api;
+pub mod binding;
 pub mod event;
+pub mod ingest;
+pub mod metrics;
+pub mod observers;
 pub mod otlp;
+pub mod serve;
 pub mod store;

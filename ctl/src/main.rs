@@ -1,5 +1,6 @@
 //! `palisadectl`: the Palisade command line.
 
+mod audit;
 mod certs;
 mod output;
 mod policy;
@@ -25,6 +26,8 @@ enum Command {
     /// Inspect workload certificates.
     #[command(subcommand)]
     Certs(certs::CertsCommand),
+    /// Read the audit trail from the collector: query, stats, tail, verify.
+    Audit(audit::AuditArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -32,6 +35,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Policy(cmd) => policy::run(cmd),
         Command::Certs(cmd) => certs::run(cmd),
+        Command::Audit(args) => audit::run(args),
     };
     match result {
         Ok(code) => code,

@@ -70,7 +70,7 @@ pub enum IdentityOriginError {
 impl IdentityOrigin {
     /// Files: the certificate is in `store` on return, and there is no
     /// renewer. Operator: the renewer that fills `store` once it runs.
-    pub(super) fn provision(
+    pub fn provision(
         self,
         trust: &MeshTrust,
         trust_domain: &str,
