@@ -55,6 +55,12 @@ impl AuditQueue {
     pub fn metrics(&self) -> &AuditMetrics {
         &self.metrics
     }
+
+    /// The oldest queued event, without waiting (for consumers other than
+    /// the reporter: tests, benchmarks).
+    pub fn try_recv(&mut self) -> Option<pb::AuditEvent> {
+        self.events.try_recv().ok()
+    }
 }
 
 /// A queue of `capacity` events (at least 1): the sink to give the
@@ -138,8 +144,9 @@ mod tests {
             3
         );
         // The first two, in order, with the request id carried over.
-        assert_eq!(queue.events.recv().await.unwrap().request_id, "a");
-        assert_eq!(queue.events.recv().await.unwrap().request_id, "b");
+        assert_eq!(queue.try_recv().unwrap().request_id, "a");
+        assert_eq!(queue.try_recv().unwrap().request_id, "b");
+        assert!(queue.try_recv().is_none());
         // Room again: the next one is queued.
         sink.submit(&denial("f"));
         assert_eq!(queue.events.recv().await.unwrap().request_id, "f");
