@@ -223,7 +223,8 @@ struct RunArgs {
     /// Directory for audit batches the collector has not acknowledged yet, kept while it is away
     /// and across agent restarts (sent first on the next start, under their original instance id
     /// and sequence). Created if missing (mode 0700); one agent per directory. Without it those
-    /// batches are held in memory only and lost when the agent exits.
+    /// batches are held in memory only (up to 8 MiB; more are dropped and counted) and lost when
+    /// the agent exits.
     #[arg(long, requires = "collector", value_name = "DIR")]
     audit_spool_dir: Option<PathBuf>,
     /// Most bytes of batches the audit spool holds; beyond it (and the memory bound) new batches
@@ -239,7 +240,7 @@ struct RunArgs {
         value_name = "N"
     )]
     audit_queue_events: usize,
-    /// An audit batch is sent once it holds this many events...
+    /// An audit batch is sent once it holds this many events (or 1 MiB)...
     #[arg(
         long,
         default_value_t = palisade_agent::audit::ReporterConfig::DEFAULT_BATCH_EVENTS,

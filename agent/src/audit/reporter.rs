@@ -8,7 +8,7 @@
 //!   defaults, 500 events or 1 s, follow the Kubernetes API server's audit
 //!   webhook batching (`--audit-webhook-batch-max-size=400`,
 //!   `--audit-webhook-batch-max-wait=30s`, buffer 10 000, which is also our
-//!   queue): about the same size, as a 500-event batch is ~150 KB, far
+//!   queue): about the same size, as a 500-event batch is ~170 KB, far
 //!   below gRPC's 4 MiB message limit and cheap to resend; but a wait of
 //!   1 s rather than 30 s, because the collector's alert rules (deny-rate
 //!   spikes, authentication-failure bursts) should see a flood within a

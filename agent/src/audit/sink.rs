@@ -25,7 +25,8 @@ use super::wire::to_wire;
 
 /// Events the queue holds by default: ten seconds of a 1 000 denials/s
 /// burst while the reporter is stalled on a slow disk or a collector
-/// handshake, for about 5 MB at the wire size of a typical denial. The
+/// handshake; a typical denial is ~330 bytes on the wire and ~1 KB queued,
+/// so a full queue is about 10 MB. The
 /// Kubernetes API server's audit webhook buffers the same 10 000
 /// (`--audit-webhook-batch-buffer-size`).
 pub const DEFAULT_QUEUE_EVENTS: usize = 10_000;

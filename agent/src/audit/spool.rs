@@ -29,7 +29,7 @@ use palisade_proto::audit::v1 as pb;
 use prost::Message;
 use serde::{Deserialize, Serialize};
 
-/// The spool's default bound (`--audit-spool-max-bytes`): at ~300 bytes a
+/// The spool's default bound (`--audit-spool-max-bytes`): at ~330 bytes a
 /// denial, about 200 000 events, i.e. minutes of a heavy denial flood or
 /// hours of ordinary traffic with the collector away.
 pub const DEFAULT_MAX_BYTES: u64 = 64 * 1024 * 1024;

@@ -224,7 +224,12 @@ impl Sidecar {
                 let (sink, queue) = crate::audit::channel(audit.queue_events);
                 let reporter =
                     AuditReporter::new(audit.reporter_config(), queue, &trust, store.clone())
-                        .with_context(|| format!("--collector {}", audit.collector))?;
+                        .with_context(|| {
+                            format!(
+                                "audit reporter (--collector {}, --audit-spool-dir)",
+                                audit.collector
+                            )
+                        })?;
                 admin_state = admin_state.with_metrics(Arc::new(reporter.metrics().clone()));
                 tracing::info!(
                     collector = %audit.collector,
