@@ -17,8 +17,8 @@ use palisade_agent::outbound::UnmatchedPolicy;
 use palisade_agent::ratelimit::GlobalRateLimiterConfig;
 use palisade_agent::ratelimit::probe::{ProbeConfig, run_probe};
 use palisade_agent::sidecar::{
-    DiscoveryOptions, ExplicitListener, IdentityOrigin, OperatorEndpoint, PolicyOrigin, Sidecar,
-    SidecarOptions, TransparentPorts,
+    AuditOptions, DiscoveryOptions, ExplicitListener, IdentityOrigin, OperatorEndpoint,
+    PolicyOrigin, Sidecar, SidecarOptions, TransparentPorts,
 };
 use palisade_agent::tls::{MeshTrust, SharedTrustBundle, TrustBundle};
 use palisade_policy::PolicyEngine;
@@ -153,7 +153,10 @@ struct RunArgs {
     /// Policy stream: a workload label policies select on (repeatable), e.g. --label app=orders.
     #[arg(long = "label", value_parser = parse_label, value_name = "KEY=VALUE")]
     labels: Vec<(String, String)>,
-    /// Policy stream: stable id of this agent instance (the pod UID); default: random per start.
+    /// Stable id of this agent instance (the pod UID), named to the operator on the policy
+    /// stream; default: random per start. With --collector it also names the audit stream's
+    /// instance: kept as is in a new --audit-spool-dir (whose own id wins afterwards), and
+    /// given a random suffix per start without one (a restart then starts a new sequence).
     #[arg(long, env = "PALISADE_AGENT_INSTANCE_ID", value_name = "ID")]
     agent_instance_id: Option<String>,
     /// Local use and tests: PEM certificate chain (leaf first, SPIFFE ID SAN) instead of the operator.
@@ -205,6 +208,54 @@ struct RunArgs {
     /// On SIGTERM, how long in-flight requests may take to finish, in seconds.
     #[arg(long, default_value_t = 20, value_name = "SECONDS")]
     drain_timeout: u64,
+    /// The collector's Audit service, HOST:PORT (it listens on 15030): every recorded decision
+    /// (denials, audit-mode findings, sampled allowed requests) is also streamed there over
+    /// mTLS, in batches, at least once. Requests never wait for it: when it is away events wait
+    /// in memory and in --audit-spool-dir, and beyond those bounds they are dropped, counted and
+    /// reported as a gap. Without it audit events are log lines (target palisade::audit) only.
+    #[arg(long, env = "PALISADE_COLLECTOR", value_name = "HOST:PORT")]
+    collector: Option<String>,
+    /// SPIFFE ID the collector's certificate must carry, e.g.
+    /// spiffe://cluster.local/ns/palisade-system/sa/palisade-collector; without it any workload
+    /// of the trust domain signed by the bundle is accepted (with a warning).
+    #[arg(long, requires = "collector", value_name = "spiffe://…")]
+    collector_id: Option<String>,
+    /// Directory for audit batches the collector has not acknowledged yet, kept while it is away
+    /// and across agent restarts (sent first on the next start, under their original instance id
+    /// and sequence). Created if missing (mode 0700); one agent per directory. Without it those
+    /// batches are held in memory only (up to 8 MiB; more are dropped and counted) and lost when
+    /// the agent exits.
+    #[arg(long, requires = "collector", value_name = "DIR")]
+    audit_spool_dir: Option<PathBuf>,
+    /// Most bytes of batches the audit spool holds; beyond it (and the memory bound) new batches
+    /// are dropped and counted.
+    #[arg(long, default_value_t = palisade_agent::audit::spool::DEFAULT_MAX_BYTES, value_name = "BYTES")]
+    audit_spool_max_bytes: u64,
+    /// Audit events the in-memory queue between the request path and the reporter holds; when it
+    /// is full, new events are dropped and counted (palisade_audit_events_dropped_total).
+    #[arg(
+        long,
+        default_value_t = palisade_agent::audit::sink::DEFAULT_QUEUE_EVENTS,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..),
+        value_name = "N"
+    )]
+    audit_queue_events: usize,
+    /// An audit batch is sent once it holds this many events (or 1 MiB)...
+    #[arg(
+        long,
+        default_value_t = palisade_agent::audit::ReporterConfig::DEFAULT_BATCH_EVENTS,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..),
+        value_name = "N"
+    )]
+    audit_batch_events: usize,
+    /// ... or this many milliseconds after its first event, whichever comes first.
+    #[arg(
+        long,
+        default_value_t = 1000,
+        value_parser = clap::value_parser!(u64).range(1..),
+        value_name = "MS"
+    )]
+    audit_batch_ms: u64,
     /// An app health endpoint the kubelet probes through the admin port as
     /// /app-health/NAME: NAME=HOST:PORT/PATH, e.g. ready=127.0.0.1:8080/healthz (repeatable).
     #[arg(long, value_name = "NAME=HOST:PORT/PATH")]
@@ -583,6 +634,32 @@ fn sidecar_options(args: RunArgs) -> anyhow::Result<SidecarOptions> {
             }
         }
     };
+    let audit = match args.collector {
+        Some(collector) => {
+            let collector_id = args
+                .collector_id
+                .as_deref()
+                .map(SpiffeId::parse)
+                .transpose()
+                .context("--collector-id is not a workload SPIFFE ID")?;
+            if collector_id.is_none() {
+                tracing::warn!(
+                    "no --collector-id: any workload of the trust domain could receive audit events"
+                );
+            }
+            Some(AuditOptions {
+                collector,
+                collector_id,
+                spool_dir: args.audit_spool_dir,
+                spool_max_bytes: args.audit_spool_max_bytes,
+                queue_events: args.audit_queue_events,
+                batch_events: args.audit_batch_events,
+                batch_wait: Duration::from_millis(args.audit_batch_ms),
+                instance_id: args.agent_instance_id.clone(),
+            })
+        }
+        None => None,
+    };
     // Policy from the operator (DESIGN §5), unless --policy-file pins one.
     // --cert conflicts with --operator: with an operator, it is the identity's.
     let policy = match (args.policy_file, &identity) {
@@ -636,6 +713,7 @@ fn sidecar_options(args: RunArgs) -> anyhow::Result<SidecarOptions> {
         app_protocols: args.app_protocol,
         drain_timeout: Duration::from_secs(args.drain_timeout),
         app_probes: args.app_probe,
+        audit,
     })
 }
 

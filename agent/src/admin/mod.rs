@@ -86,6 +86,12 @@ impl PrometheusSource for crate::inbound::ConnectionStats {
     }
 }
 
+impl PrometheusSource for crate::audit::AuditMetrics {
+    fn render_prometheus(&self, out: &mut String) {
+        crate::audit::AuditMetrics::render_prometheus(self, out);
+    }
+}
+
 impl PrometheusSource for crate::ratelimit::RateLimitMetrics {
     fn render_prometheus(&self, out: &mut String) {
         crate::ratelimit::RateLimitMetrics::render_prometheus(self, out);

@@ -4,15 +4,32 @@
 //! allowed requests are sampled per the policy's `audit.samplePercent`.
 //! [`AuditEvent::under`] is the one builder: requests, opaque connections,
 //! connections that never spoke HTTP and revoked tunnels all start from it.
-//! Events are written as structured log
-//! records on the `palisade::audit` target (one JSON object per line with
-//! `RUST_LOG_FORMAT=json`); streaming them to the collector is the audit
-//! pipeline's job.
+//!
+//! A recorded event is always written as a structured log record on the
+//! `palisade::audit` target (one JSON object per line with
+//! `RUST_LOG_FORMAT=json`). When an [`AuditSink`] is attached (the agent
+//! runs with `--collector`), it is also converted to the wire form and put
+//! on a bounded in-memory queue without ever waiting ([`sink`]); the
+//! [`AuditReporter`] drains that queue into batches and streams them to the
+//! collector over mTLS (`Audit.Report`), keeping what is not acknowledged
+//! yet in memory and in a disk spool ([`reporter`], [`spool`]).
 
 use std::net::IpAddr;
 use std::time::Duration;
 
 use palisade_policy::PolicyEngine;
+
+mod backlog;
+mod metrics;
+pub mod reporter;
+pub mod sink;
+pub mod spool;
+mod wire;
+
+pub use metrics::AuditMetrics;
+pub use reporter::{AuditReporter, ReporterConfig, ReporterError, ReporterHandle};
+pub use sink::{AuditQueue, AuditSink, channel};
+pub use spool::SpoolError;
 
 /// The `tracing` target audit records are written under, so they can be
 /// filtered (`RUST_LOG=palisade::audit=info`) or shipped separately.
@@ -27,6 +44,8 @@ pub struct AuditEvent<'a> {
     pub source_identity: Option<&'a str>,
     pub source_ip: Option<IpAddr>,
     pub destination_workload: &'a str,
+    /// The application port the connection was for (0: unknown).
+    pub destination_port: u16,
     pub policy_version: &'a str,
     pub route: Option<&'a str>,
     pub method: &'a str,
@@ -39,12 +58,22 @@ pub struct AuditEvent<'a> {
     pub rule: Option<&'a str>,
     pub status: u16,
     pub latency: Duration,
-    /// `remaining/limit` of the rate limit that applied.
-    pub rate_limit: Option<(u64, u64)>,
+    /// The rate limit that applied, and where it stood.
+    pub rate_limit: Option<RateLimitSeen<'a>>,
     pub jwt_subject: Option<&'a str>,
     pub api_key_client: Option<&'a str>,
     /// What audit-mode policies would have decided, when they differ.
     pub shadow_reason: Option<&'a str>,
+}
+
+/// The state of the rate limit that applied to a request.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RateLimitSeen<'a> {
+    pub limit_id: &'a str,
+    pub limit: u64,
+    pub remaining: u64,
+    /// Until the key is as good as new.
+    pub reset_after: Duration,
 }
 
 impl<'a> AuditEvent<'a> {
@@ -58,21 +87,29 @@ impl<'a> AuditEvent<'a> {
         }
     }
 
-    /// Writes the event if it is to be recorded under `engine`'s sampling:
+    /// Records the event if it is to be recorded under `engine`'s sampling:
     /// always for a denial or a decision audit mode disagrees with (a
     /// `shadow_reason`), for another allowed one with probability
-    /// `samplePercent`/100.
-    pub fn record(&self, engine: Option<&PolicyEngine>) {
+    /// `samplePercent`/100. See [`write`](Self::write) for where it goes.
+    pub fn record(&self, sink: &AuditSink, engine: Option<&PolicyEngine>) {
         let sample_percent = engine.map_or(0, |e| e.audit_config().sample_percent);
         if self.allowed && self.shadow_reason.is_none() && !sampled(sample_percent) {
             return;
         }
-        self.write();
+        self.write(sink);
     }
 
-    /// Writes the event unconditionally (the caller sampled already).
-    pub fn write(&self) {
-        let (remaining, limit) = self.rate_limit.unzip();
+    /// Records the event unconditionally (the caller sampled already): the
+    /// log line, and the collector's queue when `sink` is attached to one
+    /// (never waiting: a full queue drops and counts the event).
+    pub fn write(&self, sink: &AuditSink) {
+        self.log();
+        sink.submit(self);
+    }
+
+    /// The structured log record on [`TARGET`].
+    fn log(&self) {
+        let (remaining, limit) = self.rate_limit.map(|r| (r.remaining, r.limit)).unzip();
         tracing::info!(
             target: TARGET,
             request_id = self.request_id,
@@ -155,12 +192,13 @@ mod tests {
         use tracing_subscriber::layer::SubscriberExt;
         let count = Count::default();
         let subscriber = tracing_subscriber::registry().with(count.clone());
+        let sink = AuditSink::disabled();
         tracing::subscriber::with_default(subscriber, || {
             let allowed = AuditEvent {
                 allowed: true,
                 ..AuditEvent::under(None)
             };
-            allowed.record(None);
+            allowed.record(&sink, None);
             let would_deny = AuditEvent {
                 shadow_reason: Some("authz.deny_rule"),
                 ..AuditEvent::under(None)
@@ -169,8 +207,8 @@ mod tests {
                 allowed: true,
                 ..would_deny
             };
-            would_deny.record(None);
-            AuditEvent::under(None).record(None);
+            would_deny.record(&sink, None);
+            AuditEvent::under(None).record(&sink, None);
         });
         // Sampling 0 %: the plain allowed request is dropped, the audit-mode
         // finding and the denial are not.

@@ -99,7 +99,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
-use crate::audit::AuditEvent;
+use crate::audit::{AuditEvent, AuditSink};
 use crate::identity::CertStore;
 use crate::ratelimit::GlobalRateLimiter;
 use crate::tls::{MeshTrust, MtlsMode, TlsConfigError, peer_identity};
@@ -160,6 +160,9 @@ pub struct InboundConfig {
     pub drain_timeout: Duration,
     /// Pooled connections to the app.
     pub app_pool: PoolConfig,
+    /// Where audit events go besides the log (the collector's queue);
+    /// [`AuditSink::disabled`] by default: log lines only.
+    pub audit: AuditSink,
 }
 
 impl InboundConfig {
@@ -184,6 +187,7 @@ impl InboundConfig {
             limits: Limits::default(),
             drain_timeout: Duration::from_secs(20),
             app_pool: PoolConfig::default(),
+            audit: AuditSink::disabled(),
         }
     }
 
@@ -554,13 +558,14 @@ fn audit_not_http(shared: &Shared, info: &ConnInfo, reason: &str, started: Insta
         request_id: connection_id.to_str().unwrap_or_default(),
         source_identity: info.peer.as_ref().map(SpiffeId::as_str),
         source_ip: Some(info.peer_addr),
+        destination_port: info.app.port(),
         method: "-",
         allowed: false,
         reason,
         latency: started.elapsed(),
         ..AuditEvent::under(engine)
     }
-    .record(engine);
+    .record(&shared.config.audit, engine);
 }
 
 /// Reason codes of connections closed before any request.

@@ -28,6 +28,7 @@ pub mod reason {
 
 /// The audit event of an opaque connection (method `TCP`).
 fn audit(
+    shared: &Shared,
     policy: Option<&LoadedPolicy>,
     info: &ConnInfo,
     connection_id: &str,
@@ -41,6 +42,7 @@ fn audit(
         request_id: connection_id,
         source_identity: info.peer.as_ref().map(SpiffeId::as_str),
         source_ip: Some(info.peer_addr),
+        destination_port: info.app.port(),
         method: "TCP",
         allowed,
         reason,
@@ -50,7 +52,7 @@ fn audit(
         shadow_reason,
         ..AuditEvent::under(engine)
     }
-    .record(engine);
+    .record(&shared.config.audit, engine);
 }
 
 fn connection<'a>(info: &'a ConnInfo) -> Connection<'a> {
@@ -85,6 +87,7 @@ where
     let Some(loaded) = policy.as_deref() else {
         refused(reason::NO_POLICY);
         audit(
+            &shared,
             None,
             &info,
             connection_id,
@@ -108,6 +111,7 @@ where
     if !verdict.allowed {
         refused(verdict.reason.as_str());
         audit(
+            &shared,
             policy.as_deref(),
             &info,
             connection_id,
@@ -128,6 +132,7 @@ where
             tracing::warn!(app = %info.app, %error, "app unreachable (opaque)");
             let unreachable = (false, 502, reason::APP_UNREACHABLE, None);
             audit(
+                &shared,
                 policy.as_deref(),
                 &info,
                 connection_id,
@@ -162,11 +167,20 @@ where
                 super::request::reason::TUNNEL_REVOKED,
                 revoked.rule.as_deref(),
             );
-            audit(Some(&new_policy), &info, connection_id, why, None, started);
+            audit(
+                &shared,
+                Some(&new_policy),
+                &info,
+                connection_id,
+                why,
+                None,
+                started,
+            );
             return;
         }
     }
     audit(
+        &shared,
         policy.as_deref(),
         &info,
         connection_id,

@@ -1,7 +1,8 @@
 //! The whole sidecar, assembled (what `palisade-agent run` starts): the
 //! workload certificate ([`IdentityOrigin`]), the policy ([`PolicyOrigin`]),
 //! the inbound proxy, the outbound proxies and their destination table, the
-//! admin endpoint, and a graceful drain on SIGTERM.
+//! audit reporter (with `--collector`), the admin endpoint, and a graceful
+//! drain on SIGTERM.
 //!
 //! [`Sidecar::start`] binds every listener (so a bad address fails at once)
 //! and starts serving; [`Sidecar::run_until_signal`] runs until a proxy or
@@ -21,6 +22,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::admin::{self, AdminState, IdentityStatus};
+use crate::audit::{AuditReporter, AuditSink, ReporterConfig, ReporterHandle};
 use crate::discovery::{AdvertisedEndpoint, PolicyStatus};
 use crate::identity::{CertStore, Renewer};
 use crate::inbound::{
@@ -58,6 +60,39 @@ pub struct TransparentPorts {
     pub inbound: u16,
     /// Outbound on `127.0.0.1:outbound`, to each connection's original destination.
     pub outbound: u16,
+}
+
+/// Streaming audit events to the collector (`--collector` and the
+/// `--audit-*` flags); see [`crate::audit::reporter`].
+#[derive(Clone, Debug)]
+pub struct AuditOptions {
+    /// `HOST:PORT` of the collector's `Audit` service.
+    pub collector: String,
+    /// The identity the collector must present; `None`: any workload of
+    /// the trust domain.
+    pub collector_id: Option<palisade_policy::identity::SpiffeId>,
+    /// Where un-acknowledged batches are kept across outages and restarts.
+    pub spool_dir: Option<std::path::PathBuf>,
+    pub spool_max_bytes: u64,
+    /// Events the in-memory queue holds; more are dropped (and counted).
+    pub queue_events: usize,
+    pub batch_events: usize,
+    pub batch_wait: Duration,
+    /// `--agent-instance-id` (see [`ReporterConfig::instance_id`]).
+    pub instance_id: Option<String>,
+}
+
+impl AuditOptions {
+    fn reporter_config(&self) -> ReporterConfig {
+        let mut config = ReporterConfig::new(self.collector.clone());
+        config.collector_id = self.collector_id.clone();
+        config.spool_dir = self.spool_dir.clone();
+        config.spool_max_bytes = self.spool_max_bytes;
+        config.batch_events = self.batch_events;
+        config.batch_wait = self.batch_wait;
+        config.instance_id = self.instance_id.clone();
+        config
+    }
 }
 
 /// Everything [`Sidecar::start`] needs (the `palisade-agent run` flags).
@@ -107,6 +142,8 @@ pub struct SidecarOptions {
     pub drain_timeout: Duration,
     /// App health endpoints the kubelet reaches through `/app-health/<name>`.
     pub app_probes: Vec<crate::admin::app_probe::AppProbe>,
+    /// Audit events to the collector; `None`: log lines only.
+    pub audit: Option<AuditOptions>,
 }
 
 /// A started sidecar: every listener bound and serving.
@@ -116,6 +153,8 @@ pub struct Sidecar {
     shutdown: watch::Sender<bool>,
     /// `None` with a certificate from files.
     renewer: Option<Renewer>,
+    /// The audit reporter, with `--collector`.
+    audit: Option<ReporterHandle>,
 }
 
 impl Sidecar {
@@ -179,11 +218,36 @@ impl Sidecar {
             )
             .with_metrics(policy_status.clone());
 
+        // The reporter starts before the proxies, so no decision is missed.
+        let (audit_sink, audit) = match &options.audit {
+            Some(audit) => {
+                let (sink, queue) = crate::audit::channel(audit.queue_events);
+                let reporter =
+                    AuditReporter::new(audit.reporter_config(), queue, &trust, store.clone())
+                        .with_context(|| {
+                            format!(
+                                "audit reporter (--collector {}, --audit-spool-dir)",
+                                audit.collector
+                            )
+                        })?;
+                admin_state = admin_state.with_metrics(Arc::new(reporter.metrics().clone()));
+                tracing::info!(
+                    collector = %audit.collector,
+                    instance = reporter.instance_id(),
+                    spool = ?audit.spool_dir,
+                    "audit events streamed to the collector"
+                );
+                (sink, Some(reporter.spawn()))
+            }
+            None => (AuditSink::disabled(), None),
+        };
+
         let mut inbound_proxies = Vec::new();
         // The bound inbound address and the app target, for discovery.
         let mut inbound_bound = None;
         if let Some((listen, app)) = inbound_listener {
             let mut inbound = InboundConfig::new(app, trust.clone(), store.clone(), policy.clone());
+            inbound.audit = audit_sink.clone();
             if let Some(config) = &options.global_rate_limits {
                 let limiter = GlobalRateLimiter::new(config)
                     .with_context(|| format!("--ratelimit-redis {:?}", config.url))?;
@@ -271,6 +335,7 @@ impl Sidecar {
             "policy_source": options.policy.kind().as_str(),
             "global_rate_limits": options.global_rate_limits.is_some(),
             "opaque_ports": options.opaque_ports,
+            "audit_collector": options.audit.as_ref().map(|a| a.collector.clone()),
         })));
         if let Some(addr) = options.admin {
             let listener = admin::bind(addr)
@@ -289,6 +354,7 @@ impl Sidecar {
             proxies,
             shutdown,
             renewer,
+            audit,
         })
     }
 
@@ -306,25 +372,36 @@ impl Sidecar {
         };
         let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("cannot listen for SIGTERM")?;
-        tokio::select! {
-            Some(done) = self.proxies.join_next() => {
-                done.context("a proxy stopped")?;
-                return Ok(());
+        let stopped = tokio::select! {
+            Some(done) = self.proxies.join_next() => Some(done.context("a proxy stopped")),
+            () = renew => Some(Ok(())),
+            signal = tokio::signal::ctrl_c() => match signal.context("cannot listen for Ctrl-C") {
+                Ok(()) => {
+                    tracing::info!("interrupted; draining");
+                    None
+                }
+                Err(e) => Some(Err(e)),
+            },
+            _ = sigterm.recv() => {
+                tracing::info!("SIGTERM; draining");
+                None
             }
-            () = renew => return Ok(()),
-            signal = tokio::signal::ctrl_c() => {
-                signal.context("cannot listen for Ctrl-C")?;
-                tracing::info!("interrupted; draining");
-            }
-            _ = sigterm.recv() => tracing::info!("SIGTERM; draining"),
+        };
+        if stopped.is_none() {
+            // Graceful shutdown: not ready any more, no new connections,
+            // in-flight requests finish within the drain timeout (each
+            // inbound proxy enforces it).
+            self.admin.start_draining();
+            let _ = self.shutdown.send(true);
+            while self.proxies.join_next().await.is_some() {}
+            tracing::info!("drained; exiting");
         }
-        // Graceful shutdown: not ready any more, no new connections, in-flight
-        // requests finish within the drain timeout (each inbound proxy enforces it).
-        self.admin.start_draining();
-        let _ = self.shutdown.send(true);
-        while self.proxies.join_next().await.is_some() {}
-        tracing::info!("drained; exiting");
-        Ok(())
+        // Last, so the drained requests' events are in: flushed to the
+        // collector (bounded) or spooled.
+        if let Some(audit) = self.audit.take() {
+            audit.shutdown().await;
+        }
+        stopped.unwrap_or(Ok(()))
     }
 }
 

@@ -17,7 +17,7 @@ use palisade_policy::{Request as EngineRequest, RequestTime};
 
 use super::authenticate::{Credentials, authenticate};
 use super::{Exchange, Refusal, reason, unix_seconds};
-use crate::audit::AuditEvent;
+use crate::audit::{AuditEvent, AuditSink, RateLimitSeen};
 use crate::inbound::LoadedPolicy;
 use crate::inbound::tunnel::Revocation;
 use crate::pipeline::response_headers::apply_response_headers;
@@ -83,7 +83,12 @@ pub(super) fn authorize<'a>(
         .shadow
         .filter(|s| s.allowed != d.verdict.allowed)
         .map(|s| s.reason.as_str());
-    ex.rate_limit = d.rate_limit.map(|r| (r.outcome.remaining, r.outcome.limit));
+    ex.rate_limit = d.rate_limit.map(|r| RateLimitSeen {
+        limit_id: r.limit_id,
+        limit: r.outcome.limit,
+        remaining: r.outcome.remaining,
+        reset_after: r.outcome.reset_after,
+    });
     if !d.verdict.allowed {
         let mut refusal = Refusal::new(d.verdict.status, d.verdict.reason.as_str())
             .rule(d.verdict.rule)
@@ -140,6 +145,8 @@ pub(crate) struct AdmittedRequest {
     path: Option<String>,
     /// The proxy's clock origin (rate-limit time base).
     started: Instant,
+    /// Where the revocation's audit event goes.
+    audit: AuditSink,
 }
 
 impl AdmittedRequest {
@@ -163,6 +170,7 @@ impl AdmittedRequest {
             request_id: ex.request_id().to_owned(),
             path: ex.path.clone(),
             started: ex.shared.started,
+            audit: ex.shared.config.audit.clone(),
         }
     }
 
@@ -205,6 +213,7 @@ impl AdmittedRequest {
             request_id: &self.request_id,
             source_identity: self.peer.as_ref().map(SpiffeId::as_str),
             source_ip: Some(self.peer_addr),
+            destination_port: self.port,
             method: self.method.as_str(),
             path: self.path.as_deref(),
             allowed: false,
@@ -213,6 +222,6 @@ impl AdmittedRequest {
             status: revoked.status,
             ..AuditEvent::under(engine)
         }
-        .record(engine);
+        .record(&self.audit, engine);
     }
 }

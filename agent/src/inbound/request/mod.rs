@@ -47,7 +47,7 @@ use super::body::{ClientBody, ClientFailure};
 use super::limits::HeadVerdict;
 use super::policy::PolicyUpdates;
 use super::{ConnInfo, LoadedPolicy, Shared};
-use crate::audit::{self, AuditEvent};
+use crate::audit::{self, AuditEvent, RateLimitSeen};
 use crate::pipeline::deny::{Denied, deny_response, grpc_deny, is_grpc};
 use crate::pipeline::request_id::ensure_request_id;
 use crate::pipeline::strip::strip_inbound;
@@ -115,7 +115,7 @@ pub(crate) struct Exchange<'a> {
     shadow_reason: Option<&'static str>,
     /// The engine's reason for admitting the request.
     allowed_reason: &'static str,
-    rate_limit: Option<(u64, u64)>,
+    rate_limit: Option<RateLimitSeen<'a>>,
     /// The client's body until a step takes it.
     body: Option<ClientBody>,
     client_failure: ClientFailure,
@@ -217,6 +217,7 @@ impl<'a> Exchange<'a> {
             trace_id: audit::trace_id(self.traceparent.as_ref().and_then(|v| v.to_str().ok())),
             source_identity: self.conn.peer.as_ref().map(|id| id.as_str()),
             source_ip: Some(self.conn.peer_addr),
+            destination_port: self.conn.app.port(),
             route: self.route,
             method: self.method.as_str(),
             path: self.path.as_deref(),
@@ -246,7 +247,7 @@ impl<'a> Exchange<'a> {
                 .insert(CONNECTION, HeaderValue::from_static("close"));
         }
         self.audit_event(true, resp.status().as_u16(), self.allowed_reason)
-            .record(self.policy.map(|p| &p.engine));
+            .record(&self.shared.config.audit, self.policy.map(|p| &p.engine));
         resp
     }
 
@@ -266,7 +267,7 @@ impl<'a> Exchange<'a> {
             self.rule = refusal.rule;
         }
         self.audit_event(false, refusal.status, refusal.reason)
-            .record(self.policy.map(|p| &p.engine));
+            .record(&self.shared.config.audit, self.policy.map(|p| &p.engine));
         tracing::debug!(
             request_id = self.request_id(),
             status = refusal.status,
