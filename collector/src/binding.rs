@@ -3,9 +3,13 @@
 //! compromised workload cannot forge or bury another's audit trail.
 //!
 //! The peer's identity is the SPIFFE ID of its verified client certificate.
-//! An event is the peer's when its `reporter` is empty or the peer's ID,
-//! and its `destination_workload` (the workload that decided) is the peer's
-//! SPIFFE ID, a `namespace/name` in the peer's namespace, or empty.
+//! An event is the peer's when its `reporter` is empty or the peer's ID
+//! (what is stored as the reporter is always the peer's ID), and its
+//! `destination_workload` (the workload the policy was compiled for) is in
+//! the peer's namespace — a SPIFFE ID or a `namespace/name` — or empty. The
+//! workload is bound by namespace only: a policy file compiled for
+//! `…/sa/default` may be run by an agent of another service account of the
+//! same namespace, but never reported by a workload of another namespace.
 
 use palisade_policy::identity::SpiffeId;
 use palisade_proto::audit::v1::AuditEvent;
@@ -57,7 +61,9 @@ pub fn check_event(peer: &SpiffeId, event: &AuditEvent) -> Result<(), Mismatch> 
     let own = if workload.is_empty() {
         true
     } else if workload.starts_with("spiffe://") {
-        workload == peer.as_str()
+        SpiffeId::parse(workload).is_ok_and(|id| {
+            id.trust_domain() == peer.trust_domain() && id.namespace() == peer.namespace()
+        })
     } else {
         // `namespace/name`: the name is a policy's workload selector, not
         // the service account, so only the namespace can be bound.
@@ -96,7 +102,14 @@ mod tests {
     #[test]
     fn the_peers_own_events_pass() {
         let id = "spiffe://cluster.local/ns/shop/sa/orders";
-        for (reporter, workload) in [("", ""), (id, ""), (id, id), ("", "shop/orders-api")] {
+        let same_namespace = "spiffe://cluster.local/ns/shop/sa/default";
+        for (reporter, workload) in [
+            ("", ""),
+            (id, ""),
+            (id, id),
+            (id, same_namespace),
+            ("", "shop/orders-api"),
+        ] {
             assert_eq!(check_event(&peer(), &event(reporter, workload)), Ok(()));
         }
     }
@@ -113,7 +126,8 @@ mod tests {
     fn another_workload_is_refused() {
         for workload in [
             "bank/ledger",
-            "spiffe://cluster.local/ns/shop/sa/payments",
+            "spiffe://cluster.local/ns/bank/sa/ledger",
+            "spiffe://elsewhere.local/ns/shop/sa/orders",
             "no-namespace",
         ] {
             let err = check_event(&peer(), &event("", workload)).unwrap_err();
