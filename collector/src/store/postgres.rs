@@ -300,11 +300,8 @@ impl PgStore {
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])
             .await?;
         tx.batch_execute(SCHEMA).await?;
-        for (name, column) in sql::EVENT_INDEXES {
-            tx.batch_execute(&format!(
-                "CREATE INDEX IF NOT EXISTS {name} ON audit_events ({column})"
-            ))
-            .await?;
+        for index in sql::event_indexes(sql::Dialect::Postgres) {
+            tx.batch_execute(index).await?;
         }
         tx.commit().await?;
         drop(lease);
@@ -420,7 +417,7 @@ impl PgStore {
     }
 
     pub(super) async fn query(&self, q: &EventQuery) -> Result<EventPage, StoreError> {
-        let (text, values) = sql::event_query(q, sql::postgres_placeholder);
+        let (text, values) = sql::event_query(q, sql::Dialect::Postgres);
         let mut lease = self.pool.get().await?;
         let Conn { client, statements } = &mut *lease;
         let tx = client.transaction().await?;
@@ -439,7 +436,7 @@ impl PgStore {
     }
 
     pub(super) async fn stats(&self, q: &StatsQuery) -> Result<Stats, StoreError> {
-        let s = sql::stats_sql(q, sql::postgres_placeholder);
+        let s = sql::stats_sql(q, sql::Dialect::Postgres);
         let values = params(&s.values);
         let mut lease = self.pool.get().await?;
         let Conn { client, statements } = &mut *lease;
@@ -560,7 +557,7 @@ impl PgStore {
         if let Some(max_age) = r.max_age_us {
             let cutoff = now_us.saturating_sub(max_age);
             let plan = self
-                .plan(&sql::retention_age_plan(sql::postgres_placeholder), cutoff)
+                .plan(&sql::retention_age_plan(sql::Dialect::Postgres), cutoff)
                 .await?;
             for (instance, through) in plan {
                 removed += self.prune(&instance, through).await?;
@@ -571,10 +568,7 @@ impl PgStore {
             if used > max_bytes {
                 let target = sql::scale(used - max_bytes, 1, 1);
                 let plan = self
-                    .plan(
-                        &sql::retention_bytes_plan(sql::postgres_placeholder),
-                        target,
-                    )
+                    .plan(&sql::retention_bytes_plan(sql::Dialect::Postgres), target)
                     .await?;
                 for (instance, through) in plan {
                     removed += self.prune(&instance, through).await?;

@@ -36,18 +36,59 @@ pub(crate) const EVENT_COLUMNS: [&str; 27] = [
     "lost",
 ];
 
-/// Indexes on `audit_events`: (name, column). The query filters and stats
-/// windows use them; `batch_id` serves verify and retention.
-pub(crate) const EVENT_INDEXES: [(&str, &str); 8] = [
-    ("audit_events_time", "time_us"),
-    ("audit_events_source_principal", "source_principal"),
-    ("audit_events_source_ip", "source_ip"),
-    ("audit_events_destination", "destination_workload"),
-    ("audit_events_decision", "decision"),
-    ("audit_events_route", "route"),
-    ("audit_events_request_id", "request_id"),
-    ("audit_events_batch", "batch_id"),
-];
+/// Which SQL the statements are written for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Dialect {
+    Sqlite,
+    Postgres,
+}
+
+impl Dialect {
+    pub(crate) fn placeholder(self, n: usize) -> String {
+        match self {
+            Dialect::Sqlite => format!("?{n}"),
+            Dialect::Postgres => format!("${n}"),
+        }
+    }
+}
+
+/// The indexes on `audit_events`, as statements.
+///
+/// What an index costs on ingest is the pages it dirties per batch: about
+/// one per distinct key value in the batch, each rewritten whole into
+/// SQLite's WAL at commit. A batch comes from one agent, so its
+/// destination, routes and callers are few and those indexes are cheap; a
+/// random key like the request id dirties a page per record. Hence:
+///
+/// - `decision` is indexed only where it is not `allow` (the rare rows one
+///   looks for; `allow` matches most rows, found soon enough in id order).
+/// - SQLite indexes the request id within its batch, `(batch_id,
+///   request_id)`: written next to the batch's other entries, looked up by
+///   probing each batch (one index seek per batch); the same index serves
+///   verify and retention by `batch_id`. PostgreSQL logs index changes as
+///   tuples rather than whole pages and keeps a plain `request_id` index.
+pub(crate) fn event_indexes(dialect: Dialect) -> Vec<&'static str> {
+    let mut indexes = vec![
+        "CREATE INDEX IF NOT EXISTS audit_events_time ON audit_events (time_us)",
+        "CREATE INDEX IF NOT EXISTS audit_events_source_principal ON audit_events (source_principal)",
+        "CREATE INDEX IF NOT EXISTS audit_events_source_ip ON audit_events (source_ip)",
+        "CREATE INDEX IF NOT EXISTS audit_events_destination ON audit_events (destination_workload)",
+        "CREATE INDEX IF NOT EXISTS audit_events_route ON audit_events (route)",
+        "CREATE INDEX IF NOT EXISTS audit_events_decision ON audit_events (decision) \
+         WHERE decision <> 'allow'",
+    ];
+    match dialect {
+        Dialect::Sqlite => indexes.push(
+            "CREATE INDEX IF NOT EXISTS audit_events_batch_request \
+             ON audit_events (batch_id, request_id)",
+        ),
+        Dialect::Postgres => indexes.extend([
+            "CREATE INDEX IF NOT EXISTS audit_events_request_id ON audit_events (request_id)",
+            "CREATE INDEX IF NOT EXISTS audit_events_batch ON audit_events (batch_id)",
+        ]),
+    }
+    indexes
+}
 
 /// `e.kind, e.time_us, …`
 pub(crate) fn event_select_list() -> String {
@@ -69,22 +110,22 @@ pub(crate) enum Value {
 pub(crate) struct Filter {
     pub(crate) clause: String,
     pub(crate) values: Vec<Value>,
-    placeholder: fn(usize) -> String,
+    dialect: Dialect,
 }
 
 impl Filter {
-    pub(crate) fn new(placeholder: fn(usize) -> String) -> Self {
+    pub(crate) fn new(dialect: Dialect) -> Self {
         Self {
             clause: String::new(),
             values: Vec::new(),
-            placeholder,
+            dialect,
         }
     }
 
     /// The next placeholder, bound to `value`.
     pub(crate) fn bind(&mut self, value: Value) -> String {
         self.values.push(value);
-        (self.placeholder)(self.values.len())
+        self.dialect.placeholder(self.values.len())
     }
 
     /// Adds `condition` (its text built from placeholders from `bind`).
@@ -116,14 +157,6 @@ impl Filter {
     }
 }
 
-pub(crate) fn sqlite_placeholder(n: usize) -> String {
-    format!("?{n}")
-}
-
-pub(crate) fn postgres_placeholder(n: usize) -> String {
-    format!("${n}")
-}
-
 /// The page size `q` asks for, within bounds.
 pub(crate) fn page_limit(q: &EventQuery) -> u32 {
     q.limit
@@ -132,11 +165,8 @@ pub(crate) fn page_limit(q: &EventQuery) -> u32 {
 }
 
 /// `SELECT id, instance, sequence, <event columns>` for `q`, one page.
-pub(crate) fn event_query(
-    q: &EventQuery,
-    placeholder: fn(usize) -> String,
-) -> (String, Vec<Value>) {
-    let mut f = Filter::new(placeholder);
+pub(crate) fn event_query(q: &EventQuery, dialect: Dialect) -> (String, Vec<Value>) {
+    let mut f = Filter::new(dialect);
     f.window(q.from_us, q.to_us);
     if let Some(source) = &q.source {
         let a = f.bind(Value::Text(source.clone()));
@@ -144,13 +174,28 @@ pub(crate) fn event_query(
         f.and(format!("(e.source_principal = {a} OR e.source_ip = {b})"));
     }
     f.equal("e.destination_workload", &q.destination);
-    f.equal("e.decision", &q.decision);
+    if let Some(decision) = &q.decision {
+        let p = f.bind(Value::Text(decision.clone()));
+        f.and(format!("e.decision = {p}"));
+        // Spelled out so the planner can use the partial index (the value
+        // itself stays bound).
+        if decision != "allow" {
+            f.and("e.decision <> 'allow'".to_owned());
+        }
+    }
     f.equal("e.route", &q.route);
     if let Some(status) = q.status {
         let p = f.bind(Value::Int(i64::from(status)));
         f.and(format!("e.status = {p}"));
     }
-    f.equal("e.request_id", &q.request_id);
+    if let Some(request_id) = &q.request_id {
+        let p = f.bind(Value::Text(request_id.clone()));
+        f.and(format!("e.request_id = {p}"));
+        if dialect == Dialect::Sqlite {
+            // One seek per batch on (batch_id, request_id).
+            f.and("e.batch_id IN (SELECT id FROM audit_batches)".to_owned());
+        }
+    }
     f.equal("e.kind", &q.kind);
     f.equal("e.reporter", &q.reporter);
     if let Some(after) = q.after_id {
@@ -183,8 +228,8 @@ pub(crate) struct StatsSql {
     pub(crate) values: Vec<Value>,
 }
 
-pub(crate) fn stats_sql(q: &StatsQuery, placeholder: fn(usize) -> String) -> StatsSql {
-    let mut f = Filter::new(placeholder);
+pub(crate) fn stats_sql(q: &StatsQuery, dialect: Dialect) -> StatsSql {
+    let mut f = Filter::new(dialect);
     f.window(q.from_us, q.to_us);
     let window = f.clause.clone();
     let decisions = if window.is_empty() {
@@ -217,8 +262,8 @@ pub(crate) fn stats_sql(q: &StatsQuery, placeholder: fn(usize) -> String) -> Sta
 /// Retention by age: per instance, the last batch id of the run of oldest
 /// batches all received before the cutoff (placeholder 1). The chain loses
 /// a prefix, never a batch in the middle.
-pub(crate) fn retention_age_plan(placeholder: fn(usize) -> String) -> String {
-    let cutoff = placeholder(1);
+pub(crate) fn retention_age_plan(dialect: Dialect) -> String {
+    let cutoff = dialect.placeholder(1);
     format!(
         "WITH keep AS (SELECT agent_instance_id, MIN(id) AS first_kept FROM audit_batches \
          WHERE received_us >= {cutoff} GROUP BY agent_instance_id) \
@@ -231,12 +276,12 @@ pub(crate) fn retention_age_plan(placeholder: fn(usize) -> String) -> String {
 
 /// Retention by size: the oldest batches (storage order) whose estimated
 /// bytes add up to the target (placeholder 1), as (instance, last id).
-pub(crate) fn retention_bytes_plan(placeholder: fn(usize) -> String) -> String {
+pub(crate) fn retention_bytes_plan(dialect: Dialect) -> String {
     format!(
         "SELECT agent_instance_id, MAX(id) FROM (SELECT id, agent_instance_id, bytes, \
          CAST(SUM(bytes) OVER (ORDER BY id) AS BIGINT) AS running FROM audit_batches) t \
          WHERE running - bytes < {} GROUP BY agent_instance_id",
-        placeholder(1)
+        dialect.placeholder(1)
     )
 }
 
@@ -402,13 +447,30 @@ mod tests {
             after_id: Some(9),
             limit: Some(5000),
         };
-        let (sql, values) = event_query(&q, postgres_placeholder);
+        let (sql, values) = event_query(&q, Dialect::Postgres);
         assert!(!sql.contains("OR 1=1"), "{sql}");
         assert_eq!(values.len(), 13);
         assert!(sql.contains("$13"), "{sql}");
         assert_eq!(values.last(), Some(&Value::Int(1000)));
-        let (sql, values) = event_query(&EventQuery::default(), sqlite_placeholder);
-        assert!(!sql.contains("WHERE"), "{sql}");
+        // The planner's hints are fixed text; values stay bound.
+        assert!(sql.contains("e.decision <> 'allow'"), "{sql}");
+        assert!(!sql.contains("IN (SELECT id FROM audit_batches)"), "{sql}");
+        let (sql, _) = event_query(&q, Dialect::Sqlite);
+        assert!(
+            sql.contains("e.batch_id IN (SELECT id FROM audit_batches)"),
+            "{sql}"
+        );
+        let allow = EventQuery {
+            decision: Some("allow".to_owned()),
+            ..Default::default()
+        };
+        let (sql, _) = event_query(&allow, Dialect::Sqlite);
+        assert!(!sql.contains("<> 'allow'"), "{sql}");
+        let (sql, values) = event_query(&EventQuery::default(), Dialect::Sqlite);
+        assert!(
+            sql.contains("FROM audit_events e ORDER BY e.id LIMIT ?1"),
+            "{sql}"
+        );
         assert_eq!(values, vec![Value::Int(100)]);
     }
 }
