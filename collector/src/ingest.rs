@@ -201,6 +201,12 @@ impl Ingest {
                 Ok(Appended::Stored)
             }
             Ok(Appended::Duplicate) => Ok(Appended::Duplicate),
+            // A number the store cannot hold (beyond i64): this batch can
+            // never be stored, which is the sender's error, not the store's.
+            Err(e @ crate::store::StoreError::OutOfRange { .. }) => {
+                self.metrics.batches_refused.inc();
+                Err(Status::invalid_argument(e.to_string()))
+            }
             Err(e) => {
                 self.metrics.store_errors.inc();
                 tracing::error!(error = %e, "storing an audit batch failed");
