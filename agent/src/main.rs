@@ -17,8 +17,8 @@ use palisade_agent::outbound::UnmatchedPolicy;
 use palisade_agent::ratelimit::GlobalRateLimiterConfig;
 use palisade_agent::ratelimit::probe::{ProbeConfig, run_probe};
 use palisade_agent::sidecar::{
-    AuditOptions, DiscoveryOptions, ExplicitListener, IdentityOrigin, OperatorEndpoint,
-    PolicyOrigin, Sidecar, SidecarOptions, TransparentPorts,
+    AuditOptions, DiscoveryOptions, ExplicitListener, IdentityOrigin, PolicyOrigin, Sidecar,
+    SidecarOptions, TransparentPorts,
 };
 use palisade_agent::tls::{MeshTrust, SharedTrustBundle, TrustBundle};
 use palisade_policy::PolicyEngine;
@@ -621,19 +621,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
 fn sidecar_options(args: RunArgs) -> anyhow::Result<SidecarOptions> {
     let admin = parse_admin(&args.admin)?;
-    let identity = match (args.cert, args.key) {
-        (Some(cert), Some(key)) => IdentityOrigin::Files { cert, key },
-        _ => {
-            let (Some(address), Some(token_file)) = (args.operator, args.token_file) else {
-                anyhow::bail!("--operator and --token-file (or --cert and --key) are required");
-            };
-            let id = parse_operator_id(args.operator_id.as_deref())?;
-            IdentityOrigin::Operator {
-                operator: OperatorEndpoint { address, id },
-                token_file,
-            }
-        }
-    };
+    let identity = IdentityOrigin::from_flags(
+        args.cert,
+        args.key,
+        args.operator,
+        args.token_file,
+        args.operator_id.as_deref(),
+    )?;
     let audit = match args.collector {
         Some(collector) => {
             let collector_id = args

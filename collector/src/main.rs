@@ -7,14 +7,13 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use palisade_agent::sidecar::{IdentityOrigin, OperatorEndpoint};
+use palisade_agent::sidecar::IdentityOrigin;
 use palisade_collector::alerts::{AlertEngine, AlertRules, WebhookConfig, WebhookNotifier};
 use palisade_collector::api::QueryAccess;
 use palisade_collector::observers::Observers;
 use palisade_collector::otlp::OtlpLogExporter;
 use palisade_collector::serve::{Collector, ServeConfig};
 use palisade_collector::store::Retention;
-use palisade_policy::identity::SpiffeId;
 
 #[derive(Parser)]
 #[command(
@@ -135,24 +134,13 @@ async fn sigterm() {
 }
 
 fn serve_config(args: ServeArgs) -> anyhow::Result<ServeConfig> {
-    let identity = match (args.cert, args.key) {
-        (Some(cert), Some(key)) => IdentityOrigin::Files { cert, key },
-        _ => {
-            let (Some(address), Some(token_file)) = (args.operator, args.token_file) else {
-                anyhow::bail!("--operator and --token-file (or --cert and --key) are required");
-            };
-            let id = args
-                .operator_id
-                .as_deref()
-                .map(SpiffeId::parse)
-                .transpose()
-                .context("--operator-id is not a workload SPIFFE ID")?;
-            IdentityOrigin::Operator {
-                operator: OperatorEndpoint { address, id },
-                token_file,
-            }
-        }
-    };
+    let identity = IdentityOrigin::from_flags(
+        args.cert,
+        args.key,
+        args.operator,
+        args.token_file,
+        args.operator_id.as_deref(),
+    )?;
     for pattern in &args.query_allow {
         palisade_policy::identity::check_principal_pattern(pattern)
             .with_context(|| format!("--query-allow {pattern:?}"))?;

@@ -67,7 +67,41 @@ pub enum IdentityOriginError {
     Operator(#[from] CertifyError),
 }
 
+/// Why the identity flags do not name one origin.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityFlagsError {
+    #[error("--operator and --token-file (or --cert and --key) are required")]
+    Incomplete,
+    #[error("--operator-id is not a workload SPIFFE ID")]
+    OperatorId(#[source] palisade_policy::identity::SpiffeIdError),
+}
+
 impl IdentityOrigin {
+    /// The origin the `--cert`/`--key` or `--operator`/`--token-file`/
+    /// `--operator-id` flags name (files win when both are given).
+    pub fn from_flags(
+        cert: Option<PathBuf>,
+        key: Option<PathBuf>,
+        operator: Option<String>,
+        token_file: Option<PathBuf>,
+        operator_id: Option<&str>,
+    ) -> Result<Self, IdentityFlagsError> {
+        if let (Some(cert), Some(key)) = (cert, key) {
+            return Ok(Self::Files { cert, key });
+        }
+        let (Some(address), Some(token_file)) = (operator, token_file) else {
+            return Err(IdentityFlagsError::Incomplete);
+        };
+        let id = operator_id
+            .map(SpiffeId::parse)
+            .transpose()
+            .map_err(IdentityFlagsError::OperatorId)?;
+        Ok(Self::Operator {
+            operator: OperatorEndpoint { address, id },
+            token_file,
+        })
+    }
+
     /// Files: the certificate is in `store` on return, and there is no
     /// renewer. Operator: the renewer that fills `store` once it runs.
     pub fn provision(

@@ -35,7 +35,9 @@ use crate::outbound::{
 use crate::ratelimit::{GlobalRateLimiter, GlobalRateLimiterConfig};
 use crate::tls::{MeshTrust, SharedTrustBundle, TrustBundle};
 
-pub use identity_origin::{IdentityOrigin, IdentityOriginError, OperatorEndpoint};
+pub use identity_origin::{
+    IdentityFlagsError, IdentityOrigin, IdentityOriginError, OperatorEndpoint,
+};
 pub use policy_origin::{DiscoveryOptions, PolicyFileError, PolicyOrigin};
 
 // The operator refuses a subscription advertising more endpoints.
