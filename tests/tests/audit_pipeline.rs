@@ -129,7 +129,8 @@ impl Collector {
     }
 }
 
-/// An agent as ORDERS enforcing the audited policy, reporting to `collector`.
+/// An agent as ORDERS enforcing the audited policy (allowed requests
+/// sampled at 100 %), reporting to `collector`.
 async fn agent(
     pki: &Pki,
     dir: &Path,
@@ -137,7 +138,20 @@ async fn agent(
     collector: SocketAddr,
     extra: &[&str],
 ) -> (Proc, SocketAddr, SocketAddr) {
-    let policy = compile_policy("audit_pipeline.yaml", &[], dir);
+    agent_sampling(pki, dir, app, collector, extra, 100).await
+}
+
+/// [`agent`], with allowed requests sampled at `percent`.
+async fn agent_sampling(
+    pki: &Pki,
+    dir: &Path,
+    app: SocketAddr,
+    collector: SocketAddr,
+    extra: &[&str],
+    percent: u32,
+) -> (Proc, SocketAddr, SocketAddr) {
+    let percent = percent.to_string();
+    let policy = compile_policy("audit_pipeline.yaml", &[("SAMPLE", &percent)], dir);
     let (cert, key) = pki.write_leaf(ORDERS, "orders");
     let listen = free_port();
     let admin = free_port();
@@ -281,6 +295,37 @@ async fn every_denial_and_every_sampled_allow_is_stored_bound_to_the_agent() {
             .unwrap();
         assert_eq!(out.status.code(), Some(2));
         assert!(String::from_utf8_lossy(&out.stderr).contains("401"));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn allowed_requests_are_stored_at_exactly_the_sampled_rate() {
+    bounded("audit sampling", 120, async {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::new(dir.path());
+        let backend = Backend::start().await;
+        let c = Collector::start(&pki, dir.path(), &[]).await;
+        let (_agent, addr, _) =
+            agent_sampling(&pki, dir.path(), backend.addr(), c.listen, &[], 20).await;
+        let allowed = traffic(&pki, addr, &backend, "/public", 100).await;
+        // Denials are never sampled away; sent last, once they are stored
+        // every event before them on the stream is too.
+        let denied = traffic(&pki, addr, &backend, "/admin", 5).await;
+        stored_once(&c, &pki, dir.path(), &denied).await;
+        let stored: Vec<String> = c
+            .records(&pki, dir.path(), &["--decision", "allow"])
+            .iter()
+            .map(|r| r["request_id"].as_str().unwrap().to_owned())
+            .collect();
+        // 20 % of 100 is 20, evenly spread: every fifth request.
+        let expected: Vec<String> = allowed.iter().skip(4).step_by(5).cloned().collect();
+        let mut stored_sorted = stored.clone();
+        stored_sorted.sort();
+        let mut expected_sorted = expected.clone();
+        expected_sorted.sort();
+        assert_eq!(stored_sorted, expected_sorted, "stored {stored:?}");
+        assert_eq!(stored.len(), 20);
     })
     .await;
 }

@@ -22,12 +22,14 @@ use palisade_policy::PolicyEngine;
 mod backlog;
 mod metrics;
 pub mod reporter;
+mod sampling;
 pub mod sink;
 pub mod spool;
 mod wire;
 
 pub use metrics::AuditMetrics;
 pub use reporter::{AuditReporter, ReporterConfig, ReporterError, ReporterHandle};
+pub use sampling::AllowedSampler;
 pub use sink::{AuditQueue, AuditSink, channel};
 pub use spool::SpoolError;
 
@@ -89,11 +91,11 @@ impl<'a> AuditEvent<'a> {
 
     /// Records the event if it is to be recorded under `engine`'s sampling:
     /// always for a denial or a decision audit mode disagrees with (a
-    /// `shadow_reason`), for another allowed one with probability
-    /// `samplePercent`/100. See [`write`](Self::write) for where it goes.
+    /// `shadow_reason`), for other allowed ones `samplePercent` of every
+    /// 100 ([`AllowedSampler`]). See [`write`](Self::write) for where it goes.
     pub fn record(&self, sink: &AuditSink, engine: Option<&PolicyEngine>) {
         let sample_percent = engine.map_or(0, |e| e.audit_config().sample_percent);
-        if self.allowed && self.shadow_reason.is_none() && !sampled(sample_percent) {
+        if self.allowed && self.shadow_reason.is_none() && !sink.sample_allowed(sample_percent) {
             return;
         }
         self.write(sink);
@@ -133,15 +135,6 @@ impl<'a> AuditEvent<'a> {
             shadow_reason = self.shadow_reason,
             "audit"
         );
-    }
-}
-
-/// Whether an allowed request is recorded, at `percent` of them.
-pub fn sampled(percent: u32) -> bool {
-    match percent {
-        0 => false,
-        p if p >= 100 => true,
-        p => rand::random_range(0..100) < p,
     }
 }
 
@@ -213,11 +206,5 @@ mod tests {
         // Sampling 0 %: the plain allowed request is dropped, the audit-mode
         // finding and the denial are not.
         assert_eq!(*count.0.lock().unwrap(), 2);
-    }
-
-    #[test]
-    fn sampling_bounds() {
-        assert!((0..1000).all(|_| sampled(100)));
-        assert!((0..1000).all(|_| !sampled(0)));
     }
 }

@@ -19,9 +19,9 @@ use palisade_proto::audit::v1 as pb;
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 
-use super::AuditEvent;
 use super::metrics::{AuditMetrics, AuditStats};
 use super::wire::to_wire;
+use super::{AllowedSampler, AuditEvent};
 
 /// Events the queue holds by default: ten seconds of a 1 000 denials/s
 /// burst while the reporter is stalled on a slow disk or a collector
@@ -36,6 +36,7 @@ pub const DEFAULT_QUEUE_EVENTS: usize = 10_000;
 #[derive(Clone, Debug, Default)]
 pub struct AuditSink {
     inner: Option<Arc<Inner>>,
+    sampler: Arc<AllowedSampler>,
 }
 
 #[derive(Debug)]
@@ -75,6 +76,7 @@ pub fn channel(capacity: usize) -> (AuditSink, AuditQueue) {
             queue: tx,
             stats: stats.clone(),
         })),
+        sampler: Arc::default(),
     };
     let queue = AuditQueue {
         events: rx,
@@ -87,7 +89,13 @@ pub fn channel(capacity: usize) -> (AuditSink, AuditQueue) {
 impl AuditSink {
     /// A sink that sends nowhere: events are log lines only.
     pub fn disabled() -> Self {
-        Self { inner: None }
+        Self::default()
+    }
+
+    /// Whether the next allowed request is recorded at `percent`; the
+    /// count is shared by every clone of this sink (one per agent).
+    pub fn sample_allowed(&self, percent: u32) -> bool {
+        self.sampler.sample(percent)
     }
 
     /// Whether events go to a queue besides the log.
