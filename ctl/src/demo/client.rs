@@ -117,3 +117,45 @@ pub async fn raw_exchange(addr: SocketAddr, request: &str) -> anyhow::Result<Str
     let _ = read;
     Ok(String::from_utf8_lossy(&got).into_owned())
 }
+
+/// A GET over TLS that verifies the server against the mesh's `bundle` but
+/// presents no client certificate: a caller outside the mesh that knows
+/// how to speak TLS. The HTTP status, or why there was none.
+pub async fn tls_without_certificate(
+    addr: SocketAddr,
+    bundle: &std::path::Path,
+    trust_domain: &str,
+    target: &str,
+) -> Result<u16, String> {
+    use palisade_agent::tls::{MeshTrust, SharedTrustBundle, TrustBundle};
+    let exchange = async {
+        let bundle = TrustBundle::from_pem_file(bundle).map_err(|e| e.to_string())?;
+        let trust = MeshTrust::new(SharedTrustBundle::new(bundle), trust_domain)
+            .map_err(|e| e.to_string())?;
+        let mut config = trust.client_config(None, None).map_err(|e| e.to_string())?;
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+        let name =
+            rustls_pki_types::ServerName::try_from("orders.demo").map_err(|e| e.to_string())?;
+        let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("TLS handshake refused: {e}"))?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        let req = Request::get(target)
+            .header(header::HOST, "orders")
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| e.to_string())?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| format!("connection closed by the agent: {e}"))?;
+        Ok(resp.status().as_u16())
+    };
+    tokio::time::timeout(TIMEOUT, exchange)
+        .await
+        .unwrap_or_else(|_| Err("no answer within 10 s".into()))
+}

@@ -174,41 +174,51 @@ async fn mtls_grpc(ctx: &Context<'_>) -> anyhow::Result<String> {
 
 async fn no_identity(ctx: &Context<'_>) -> anyhow::Result<String> {
     let addr = ctx.inbound("orders")?;
-    let path = "/orders/no-identity";
+    let reached = |path: &str| {
+        ctx.apps
+            .orders
+            .seen
+            .lock()
+            .map(|s| s.iter().any(|r| r.path == path))
+            .unwrap_or(false)
+    };
+    // In plaintext.
+    let plain = "/orders/plaintext-caller";
     let got = client::raw_exchange(
         addr,
-        &format!("GET {path} HTTP/1.1\r\nHost: orders\r\nConnection: close\r\n\r\n"),
+        &format!("GET {plain} HTTP/1.1\r\nHost: orders\r\nConnection: close\r\n\r\n"),
     )
     .await?;
     let status = match got.strip_prefix("HTTP/") {
         Some(rest) => rest.split_whitespace().nth(1).unwrap_or("").to_owned(),
         None => String::new(),
     };
-    let reached = ctx
-        .apps
-        .orders
-        .seen
-        .lock()
-        .map(|s| s.iter().any(|r| r.path == path))
-        .unwrap_or(false);
-    if status.starts_with('2') || reached {
-        bail!(
-            "plaintext GET {path} straight to the orders agent was answered {status} and {} the app",
-            if reached { "reached" } else { "did not reach" }
-        );
+    if status.starts_with('2') || reached(plain) {
+        bail!("plaintext GET {plain} straight to the orders agent was answered {status}");
     }
-    let seen = if got.is_empty() {
-        "connection closed without an answer".to_owned()
-    } else if status.is_empty() {
-        format!(
-            "refused at the TLS layer ({} bytes, no HTTP answer)",
-            got.len()
-        )
+    let plain_seen = if status.is_empty() {
+        "no HTTP answer".to_owned()
     } else {
-        format!("answered {status}")
+        format!("{status}")
+    };
+    // Over TLS, without a client certificate.
+    let tls = "/orders/tls-caller-without-certificate";
+    let verdict =
+        client::tls_without_certificate(addr, &ctx.mesh.bundle, &ctx.mesh.trust_domain, tls).await;
+    if let Ok(status) = verdict {
+        if (200..300).contains(&status) || reached(tls) {
+            bail!("TLS without a client certificate, GET {tls}: answered {status}");
+        }
+    }
+    if reached(tls) {
+        bail!("GET {tls} over TLS without a client certificate reached the app");
+    }
+    let tls_seen = match verdict {
+        Ok(status) => status.to_string(),
+        Err(_) => "handshake refused".to_owned(),
     };
     Ok(format!(
-        "plaintext GET {path} to the orders agent: {seen}, the app saw nothing"
+        "straight to the orders agent: plaintext → {plain_seen}; TLS without a certificate → {tls_seen}; the app saw neither"
     ))
 }
 
