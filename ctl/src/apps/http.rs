@@ -95,6 +95,30 @@ async fn answer(app: &HttpApp, req: Request<Incoming>) -> Response<Full<Bytes>> 
         (_, ["call", service, rest @ ..]) => {
             call_upstream(app, service, &rest.join("/"), req.uri().query()).await
         }
+        (&Method::GET, ["items", sku]) => match app.upstreams.get("inventory") {
+            // Through this app's agent to the gRPC inventory service.
+            Some(addr) => match super::grpc::call(*addr, super::grpc::GET_ITEM, sku).await {
+                Ok(item) => json_response(
+                    StatusCode::OK,
+                    &served(json!({
+                        "sku": item.sku, "name": item.name, "stock": item.stock,
+                        "inventory_saw": item.caller,
+                    })),
+                ),
+                Err(status) => json_response(
+                    StatusCode::BAD_GATEWAY,
+                    &served(json!({
+                        "error": "inventory refused",
+                        "grpc_status": format!("{:?}", status.code()),
+                        "message": status.message(),
+                    })),
+                ),
+            },
+            None => json_response(
+                StatusCode::NOT_FOUND,
+                &json!({"error": format!("{} has no upstream \"inventory\"", app.name)}),
+            ),
+        },
         (&Method::GET, ["healthz"]) => json_response(StatusCode::OK, &json!({"ok": true})),
         (&Method::GET, ["orders"]) => json_response(
             StatusCode::OK,
