@@ -162,3 +162,79 @@ async fn a_policy_that_lets_unauthenticated_callers_in_fails_the_demo_naming_the
     let left = processes_mentioning(&state);
     assert!(left.is_empty(), "processes left behind: {left:#?}");
 }
+
+/// The demo in a real terminal (tmux), read off the screen as a person
+/// sees it: every scenario line with its ✓, no spinner left over, the
+/// summary, exit status 0.
+#[tokio::test]
+async fn the_demo_reads_right_in_a_terminal() {
+    let socket = format!("palisade-demo-{}", std::process::id());
+    let tmux = |args: &[&str]| {
+        let out = Command::new("tmux")
+            .arg("-L")
+            .arg(&socket)
+            .args(args)
+            .output()
+            .expect("run tmux");
+        assert!(
+            out.status.success(),
+            "tmux {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    struct Kill(String);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = Command::new("tmux")
+                .args(["-L", &self.0, "kill-server"])
+                .output();
+        }
+    }
+    let _kill = Kill(socket.clone());
+    let command = format!(
+        "{} demo; echo EXIT=$?; sleep 60",
+        workspace_bin("palisadectl").display()
+    );
+    tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        "t",
+        "-x",
+        "250",
+        "-y",
+        "80",
+        &command,
+    ]);
+    let screen = palisade_e2e::poll_until(
+        Duration::from_secs(120),
+        || async {
+            let screen = tmux(&["capture-pane", "-p", "-t", "t", "-S", "-200"]);
+            if screen.contains("EXIT=") {
+                Ok(screen)
+            } else {
+                Err(screen)
+            }
+        },
+        |screen| format!("the demo did not finish on screen:\n{screen}"),
+    )
+    .await;
+    let lines: Vec<&str> = screen.lines().collect();
+    for scenario in SCENARIOS {
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with(&format!("✓ {scenario}: "))),
+            "no ✓ {scenario:?} on screen:\n{screen}"
+        );
+    }
+    assert!(
+        lines.contains(&"demo passed: 13 of 13 scenarios as expected"),
+        "{screen}"
+    );
+    assert!(screen.contains("EXIT=0"), "{screen}");
+    // Spinner frames are erased when their step ends.
+    assert!(!screen.contains("starting the"), "{screen}");
+    assert!(!screen.contains('✗'), "{screen}");
+}

@@ -33,10 +33,6 @@ impl BinDir {
         Ok(Self { dir })
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir
             .join(format!("{name}{}", std::env::consts::EXE_SUFFIX))
