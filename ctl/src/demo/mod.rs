@@ -50,6 +50,8 @@ pub const ALERT_THRESHOLD: u32 = 10;
 
 #[derive(Args)]
 pub struct DemoArgs {
+    /// table: a line per scenario as it completes; json: one document (every scenario, its
+    /// verdict and detail) at the end.
     #[arg(long, short = 'o', value_enum, default_value = "table")]
     output: OutputFormat,
     /// Where palisade-agent, palisade-operator and palisade-collector are; default: next to

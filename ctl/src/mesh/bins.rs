@@ -62,6 +62,11 @@ impl BinDir {
             ));
             let mut cmd = std::process::Command::new(cargo);
             cmd.arg("build");
+            // cargo run sets it to ctl/; the workspace is found from there.
+            if let Some(dir) = std::env::var_os("CARGO_MANIFEST_DIR") {
+                cmd.arg("--manifest-path")
+                    .arg(Path::new(&dir).join("Cargo.toml"));
+            }
             match profile {
                 "debug" => {}
                 "release" => {
