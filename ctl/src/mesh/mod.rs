@@ -390,6 +390,31 @@ fn free_port() -> anyhow::Result<SocketAddr> {
     Ok(l.local_addr()?)
 }
 
+/// `<command>` and the flags by which a collector or an agent gets its
+/// identity from the local operator.
+fn identity_args(
+    command: &str,
+    config: &MeshConfig,
+    bundle: &Path,
+    operator: &Operator,
+    operator_id: &str,
+    token: &Path,
+) -> Vec<String> {
+    vec![
+        command.into(),
+        "--trust-bundle".into(),
+        bundle.display().to_string(),
+        "--trust-domain".into(),
+        config.trust_domain.clone(),
+        "--operator".into(),
+        operator.addr.to_string(),
+        "--operator-id".into(),
+        operator_id.into(),
+        "--token-file".into(),
+        token.display().to_string(),
+    ]
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn start_collector(
     config: &MeshConfig,
@@ -401,18 +426,8 @@ async fn start_collector(
     logs: &Path,
 ) -> anyhow::Result<Collector> {
     let admin = free_port()?;
-    let mut args: Vec<String> = vec![
-        "serve".into(),
-        "--trust-bundle".into(),
-        bundle.display().to_string(),
-        "--trust-domain".into(),
-        config.trust_domain.clone(),
-        "--operator".into(),
-        operator.addr.to_string(),
-        "--operator-id".into(),
-        operator_id.into(),
-        "--token-file".into(),
-        token.display().to_string(),
+    let mut args = identity_args("serve", config, bundle, operator, operator_id, token);
+    args.extend([
         "--store".into(),
         config.state_dir.join("audit.db").display().to_string(),
         "--listen".into(),
@@ -423,7 +438,7 @@ async fn start_collector(
         admin.to_string(),
         "--query-token-file".into(),
         query_token.display().to_string(),
-    ];
+    ]);
     if let Some(rules) = &config.alert_rules {
         let path = config.state_dir.join("alert-rules.json");
         std::fs::write(&path, rules).with_context(|| format!("cannot write {}", path.display()))?;
@@ -477,18 +492,8 @@ async fn spawn_agent(
     collector: &Collector,
     logs: &Path,
 ) -> anyhow::Result<Agent> {
-    let mut args: Vec<String> = vec![
-        "run".into(),
-        "--trust-bundle".into(),
-        bundle.display().to_string(),
-        "--trust-domain".into(),
-        config.trust_domain.clone(),
-        "--operator".into(),
-        operator.addr.to_string(),
-        "--operator-id".into(),
-        operator_id.into(),
-        "--token-file".into(),
-        token.display().to_string(),
+    let mut args = identity_args("run", config, bundle, operator, operator_id, token);
+    args.extend([
         "--admin".into(),
         "127.0.0.1:0".into(),
         "--pod-name".into(),
@@ -503,7 +508,7 @@ async fn spawn_agent(
         "100".into(),
         "--drain-timeout".into(),
         "2".into(),
-    ];
+    ]);
     for (k, v) in &w.labels {
         args.push("--label".into());
         args.push(format!("{k}={v}"));
