@@ -1,15 +1,9 @@
 //! `palisadectl`: the Palisade command line.
 
-mod apps;
 mod audit;
 mod certs;
-mod completions;
-mod demo;
-mod mesh;
 mod output;
 mod policy;
-mod progress;
-mod up;
 
 use clap::{Parser, Subcommand};
 
@@ -34,17 +28,6 @@ enum Command {
     Certs(certs::CertsCommand),
     /// Read the audit trail from the collector: query, stats, tail, verify.
     Audit(audit::AuditArgs),
-    /// Run a local mesh from a directory: operator, collector and one agent per service of its
-    /// mesh.yaml, the apps behind them; a status table, then until Ctrl-C.
-    Up(up::UpArgs),
-    /// A self-contained tour: a local mesh with built-in services and scripted traffic, one line
-    /// per capability; exits 0 only if every expectation held.
-    Demo(demo::DemoArgs),
-    /// Print a shell completion script, e.g. `palisadectl completions bash > /etc/bash_completion.d/palisadectl`.
-    Completions(completions::CompletionsArgs),
-    /// A built-in demo service (what examples/quickstart runs behind its agents).
-    #[command(hide = true)]
-    DemoApp(apps::DemoAppArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -53,10 +36,6 @@ fn main() -> std::process::ExitCode {
         Command::Policy(cmd) => policy::run(cmd),
         Command::Certs(cmd) => certs::run(cmd),
         Command::Audit(args) => audit::run(args),
-        Command::Up(args) => up::run(args),
-        Command::Demo(args) => demo::run(args),
-        Command::Completions(args) => completions::run::<Cli>(args),
-        Command::DemoApp(args) => apps::run(args),
     };
     match result {
         Ok(code) => code,

@@ -13,13 +13,6 @@
 
 use std::io::{self, Write};
 
-/// `--output`: for a person, or for a script.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum OutputFormat {
-    Table,
-    Json,
-}
-
 /// `128 + SIGPIPE (13)`: what a shell reports for a writer killed by SIGPIPE.
 pub const BROKEN_PIPE_EXIT: u8 = 141;
 

@@ -1,7 +1,7 @@
 //! `palisadectl audit …`: read the audit trail from the collector's query
 //! API.
 
-pub(crate) mod client;
+mod client;
 
 use std::process::ExitCode;
 
@@ -335,21 +335,18 @@ fn filter_params(f: &Filters) -> Vec<(String, String)> {
         .collect()
 }
 
-/// `s` with everything but unreserved characters percent-encoded.
-pub(crate) fn encode_value(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 /// `?k=v&…`, percent-encoding everything but unreserved characters.
 fn encode(params: &[(String, String)]) -> String {
-    let escape = encode_value;
+    let escape = |s: &str| {
+        s.bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect::<String>()
+    };
     if params.is_empty() {
         return String::new();
     }
